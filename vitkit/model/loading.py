@@ -1,0 +1,265 @@
+"""Reading and writing model weights: detect a file's format, infer the ViT it holds, build it, load it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from vitkit.errors import VitkitError
+from vitkit.fileio import atomic_path
+from vitkit.model.presets import find_heads
+from vitkit.model.vit import STYLES, ViTArch, VisionTransformer, resample_pos_embed
+
+_ARCH_FIELDS = {f.name for f in dataclasses.fields(ViTArch)}
+# The numerics each source framework trains with; only these, not its dropout rates, matter for loading.
+_NUMERIC_KEYS = ("ln_eps", "gelu", "init")
+# Wrappers that other training loops put around a state_dict or its names.
+_STATE_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "module")
+_NAME_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+@dataclasses.dataclass
+class Weights:
+    """A state_dict in vitkit's names plus what the file said about itself."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str  # 'vitkit', 'timm' or 'mindspore'
+    arch: dict = dataclasses.field(default_factory=dict)  # architecture fields the file stores
+    class_names: list[str] | None = None
+    extras: dict = dataclasses.field(default_factory=dict)  # e.g. a MindSpore training checkpoint's Adam moments
+
+
+def sniff_format(path: Path) -> str:
+    """'safetensors', 'torch', 'mindspore' or 'npz' from the file's first bytes, never from its name alone."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(name.endswith("data.pkl") for name in names):
+            return "torch"
+        if names and all(name.endswith(".npy") for name in names):
+            return "npz"
+        raise VitkitError(f"'{path}' is a zip archive but neither a PyTorch checkpoint nor an .npz of arrays")
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    if head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
+        return "torch"  # PyTorch's legacy (non-zip) serialisation
+    from vitkit.model.formats.mindspore import is_mindspore_checkpoint
+
+    if is_mindspore_checkpoint(path):
+        return "mindspore"
+    raise VitkitError(
+        f"'{path}' is not a checkpoint vitkit can read: expected safetensors, a PyTorch .pth/.pt, or a MindSpore .ckpt"
+    )
+
+
+def read_weights(path: str | Path) -> Weights:
+    """The weights in any supported file, renamed to vitkit's (timm's) parameter names."""
+    path = Path(path)
+    if not path.exists():
+        raise VitkitError(f"checkpoint '{path}' does not exist: check the path")
+    if path.is_dir():
+        raise VitkitError(f"'{path}' is a folder: give the checkpoint file inside it")
+    try:
+        kind = sniff_format(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise VitkitError(f"cannot read checkpoint '{path}': {exc}") from None
+    if kind == "mindspore":
+        from vitkit.model.formats.mindspore import mindspore_to_vitkit, read_mindspore_checkpoint
+
+        state, extras = mindspore_to_vitkit(read_mindspore_checkpoint(path))
+        return Weights(state, "mindspore", extras=extras)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    if kind == "torch":
+        return _read_torch(path)
+    raise VitkitError(f"'{path}' holds .npz arrays; the Flax/big_vision .npz layout is not supported yet")
+
+
+def _read_safetensors(path: Path) -> Weights:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VitkitError(f"'{path}' is not a readable safetensors file ({exc}): the file may be truncated") from None
+    arch = json.loads(metadata["vitkit.arch"]) if "vitkit.arch" in metadata else {}
+    names = json.loads(metadata["vitkit.class_names"]) if "vitkit.class_names" in metadata else None
+    return Weights(_strip_prefixes(state), "vitkit" if arch else "timm", arch, names)
+
+
+def _read_torch(path: Path) -> Weights:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        raise VitkitError(
+            f"'{path}' needs arbitrary code to unpickle, which vitkit never runs ({first_line[:120]}): "
+            "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise VitkitError(f"cannot read PyTorch checkpoint '{path}' ({str(exc).splitlines()[0]}): the file may be truncated") from None
+    if not isinstance(loaded, dict):
+        raise VitkitError(f"'{path}' holds a {type(loaded).__name__}, not a state_dict: save model.state_dict() instead")
+    arch = loaded.get("arch") if isinstance(loaded.get("arch"), dict) else {}
+    class_names = loaded.get("class_names")
+    state = loaded
+    for key in _STATE_KEYS:
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise VitkitError(f"'{path}' holds no tensors: expected a model state_dict")
+    return Weights(_strip_prefixes(tensors), "vitkit" if arch else "timm", dict(arch), class_names)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the 'module.' (DDP), '_orig_mod.' (torch.compile) or 'model.' wrappers around every name."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _NAME_PREFIXES:
+            if state and all(name.startswith(prefix) for name in state):
+                state = {name[len(prefix) :]: value for name, value in state.items()}
+                changed = True
+    return state
+
+
+def infer_arch(weights: Weights, **overrides) -> ViTArch:
+    """The architecture a state_dict was made with: from its shapes, then the file's metadata, then arguments."""
+    state = weights.state_dict
+    if "patch_embed.proj.weight" not in state:
+        raise VitkitError(
+            f"the checkpoint has no patch embedding ('patch_embed.proj.weight'; it has e.g. {', '.join(list(state)[:3])}): "
+            "it is not a ViT in timm, vitkit or MindSpore model-zoo layout"
+        )
+    embed = state["patch_embed.proj.weight"]
+    fields: dict = {"embed_dim": embed.shape[0], "in_chans": embed.shape[1], "patch_size": embed.shape[2]}
+    block_ids = {int(match[1]) for name in state if (match := re.match(r"blocks\.(\d+)\.", name))}
+    fields["depth"] = len(block_ids)
+    if fields["depth"] == 0:
+        raise VitkitError("the checkpoint has no transformer blocks ('blocks.N.*'): it is not a ViT state_dict")
+    fields["mlp_dim"] = state["blocks.0.mlp.fc1.weight"].shape[0]
+    fields["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
+    fields["class_token"] = "cls_token" in state
+    fields["fc_norm"] = "fc_norm.weight" in state
+    fields["pool"] = "token" if fields["class_token"] and not fields["fc_norm"] else "mean"
+    fields["num_classes"] = state["head.weight"].shape[0] if "head.weight" in state else 0
+    if "pre_logits.fc.weight" in state:
+        fields["representation_size"] = state["pre_logits.fc.weight"].shape[0]
+    if "pos_embed" in state:
+        fields["pos_embed"] = "learn"
+        grid_tokens = state["pos_embed"].shape[1] - (1 if fields["class_token"] else 0)
+        grid = math.isqrt(grid_tokens)
+        fields["image_size"] = grid * fields["patch_size"]
+    else:
+        fields["pos_embed"] = "sincos"
+    fields.update({key: value for key, value in STYLES[_style_of(weights.source)].items() if key in _NUMERIC_KEYS})
+    fields.update({key: value for key, value in weights.arch.items() if key in _ARCH_FIELDS})
+    if "num_heads" not in weights.arch and "num_heads" not in overrides:
+        fields["num_heads"] = _guess_heads(fields["embed_dim"], fields["depth"])
+    unknown = sorted(set(overrides) - _ARCH_FIELDS)
+    if unknown:
+        raise VitkitError(f"unknown model argument(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(_ARCH_FIELDS))}")
+    fields.update(overrides)
+    return ViTArch(**fields)
+
+
+def _style_of(source: str) -> str:
+    return "mindspore" if source == "mindspore" else "timm"
+
+
+def _guess_heads(width: int, depth: int) -> int:
+    heads = find_heads(width, depth)
+    if heads is None:
+        heads = max(1, width // 64)
+        warnings.warn(
+            f"the checkpoint does not say how many attention heads it has; assuming {heads} (64 per head). "
+            "Pass num_heads=... if that is wrong: the logits depend on it.",
+            stacklevel=3,
+        )
+    return heads
+
+
+def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """load_state_dict with one-line errors, resampling position embeddings to the model's grid."""
+    state = dict(state)
+    if "pos_embed" in state and isinstance(model.pos_embed, torch.nn.Parameter):
+        if state["pos_embed"].shape != model.pos_embed.shape:
+            state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.arch.grid_size, model.arch.num_prefix_tokens)
+    own = model.state_dict()
+    missing = [name for name in own if name not in state]
+    extra = [name for name in state if name not in own]
+    mismatched = [
+        f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"
+        for name in own
+        if name in state and state[name].shape != own[name].shape
+    ]
+    if mismatched:
+        raise VitkitError(
+            f"checkpoint tensors do not fit the model ({len(mismatched)} mismatched, e.g. {mismatched[0]}): "
+            "build the model with the checkpoint's architecture (patch, width, classes)"
+        )
+    if strict and (missing or extra):
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s) e.g. {', '.join(missing[:3])}")
+        if extra:
+            problems.append(f"{len(extra)} unexpected e.g. {', '.join(extra[:3])}")
+        raise VitkitError(
+            f"checkpoint does not match the model: {'; '.join(problems)}: check depth/pooling/head or load non-strictly"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", components=None, **overrides) -> VisionTransformer:
+    """The ViT in any checkpoint vitkit reads, ready for eval.
+
+    The architecture comes from the tensors' shapes; what shapes cannot tell (the head count, numerics) from the
+    file's metadata or, failing that, the source's conventions; any ViTArch field can be overridden, e.g.
+    num_heads=4 or image_size=384 (position embeddings are resampled bicubically).
+    """
+    weights = read_weights(path)
+    arch = infer_arch(weights, **overrides)
+    model = VisionTransformer(arch, components=components)
+    load_state(model, weights.state_dict)
+    model.class_names = weights.class_names
+    return model.to(device).eval()
+
+
+def save_model(model: VisionTransformer, path: str | Path, class_names: list[str] | None = None) -> Path:
+    """Write the weights atomically: .safetensors (with the architecture as metadata), .pth/.pt, or MindSpore .ckpt."""
+    path = Path(path)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    arch = dataclasses.asdict(model.arch)
+    names = class_names if class_names is not None else getattr(model, "class_names", None)
+    suffix = path.suffix.lower()
+    if suffix == ".ckpt":
+        from vitkit.model.formats.mindspore import vitkit_to_mindspore, write_mindspore_checkpoint
+
+        write_mindspore_checkpoint(path, vitkit_to_mindspore(state))
+        return path
+    with atomic_path(path) as tmp:
+        if suffix in (".pth", ".pt"):
+            torch.save({"arch": arch, "class_names": names, "model": state}, tmp)
+        elif suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            metadata = {"format": "pt", "vitkit.arch": json.dumps(arch)}
+            if names is not None:
+                metadata["vitkit.class_names"] = json.dumps(list(names))
+            save_file(state, str(tmp), metadata=metadata)
+        else:
+            raise VitkitError(f"cannot write '{path}': use a .safetensors, .pth or .ckpt file name")
+    return path
