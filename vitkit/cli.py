@@ -56,6 +56,51 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vitkit.config import load_config
+    from vitkit.engine.trainer import train
+
+    # Options that are config keys under another name join the overrides, so the config checks them once.
+    extra = [f"--train.resume={args.resume}"] if args.resume else []
+    train(load_config(args.config_path, args.overrides + extra))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from vitkit.config import load_config
+    from vitkit.engine.evaluate import evaluate_checkpoint
+
+    extra = [f"--model.pretrained={args.model}"] if args.model else []
+    extra += [f"--data.val_path={args.data}"] if args.data else []
+    cfg = load_config(args.config_path, args.overrides + extra)
+    started = time.perf_counter()
+    result = evaluate_checkpoint(cfg, cfg.model.pretrained)
+    cost = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({**result.as_dict(), "eval_cost": round(cost, 3), "model": cfg.model.pretrained}))
+    else:
+        print(f"accuracy={result.top1:.6f}")
+        print(f"top5 accuracy={result.top5:.6f}")
+        print(f"images={result.total}, skipped={result.failed}, eval_cost={cost:.2f}s")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from vitkit.data.fashion_mnist import write_fashion_mnist
+
+    summary = write_fashion_mnist(args.out, limit_per_split=args.limit)
+    print(f"Fashion-MNIST as an image folder in {args.out}: {summary}")
+    return 0
+
+
+def _add_config_path(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_path", "--config-path", "-c", dest="config_path", default=None,
+                        help="a YAML config: the original's flat form or the nested one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="vitkit", description="Train, evaluate and deploy Vision Transformers.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
@@ -71,8 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resolve defaults, a YAML file (the original's flat form or the nested one) and overrides "
         "such as --batch_size=64 or --data.batch_size=64, then print the result.",
     )
-    config.add_argument("--config_path", "--config-path", "-c", dest="config_path", default=None, help="a YAML config file")
+    _add_config_path(config)
     config.set_defaults(run=_cmd_config, takes_overrides=True)
+
+    train = commands.add_parser(
+        "train", help="train a ViT on an image folder",
+        description="Train from a config with overrides (--key=value, flat or dotted); see `vitkit config`.",
+    )
+    _add_config_path(train)
+    train.add_argument("--resume", default=None, help="'auto' (newest checkpoint in the output folder) or a .pt path")
+    train.set_defaults(run=_cmd_train, takes_overrides=True)
+
+    evaluate = commands.add_parser("eval", help="top-1/top-5 of a checkpoint over a validation image folder")
+    _add_config_path(evaluate)
+    evaluate.add_argument("--model", default=None, help="checkpoint of any format vitkit reads (else model.pretrained)")
+    evaluate.add_argument("--data", default=None, help="validation image folder (else data.val_path)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the original's lines")
+    evaluate.set_defaults(run=_cmd_eval, takes_overrides=True)
+
+    data = commands.add_parser("data", help="write a real dataset as an image folder")
+    data.add_argument("dataset", choices=["fashion-mnist"], help="the dataset (from the Debian package dataset-fashion-mnist)")
+    data.add_argument("out", help="output folder; gets train/ and val/")
+    data.add_argument("--limit", type=int, default=None, help="at most this many images per class and split")
+    data.set_defaults(run=_cmd_data)
 
     convert = commands.add_parser("convert", help="re-save any checkpoint vitkit reads (.safetensors, .pth, .ckpt out)")
     convert.add_argument("src", help="a checkpoint: safetensors, PyTorch .pth/.pt (timm or vitkit), MindSpore .ckpt")

@@ -1,0 +1,167 @@
+"""Sample order across ranks and epochs, batching that drops unreadable images, and the DataLoader around them."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vitkit.errors import VitkitError
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 64-bit seed from non-negative integers, e.g. (seed, epoch) or (seed, epoch, index).
+
+    numpy's SeedSequence hashes the parts, so nearby tuples such as (0, 1) and (1, 0) give unrelated streams,
+    which `seed + epoch` would not.
+    """
+    return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0])
+
+
+def check_seed(seed: int) -> int:
+    """The seed as an int; negative seeds are refused because they cannot be hashed into a stream."""
+    if int(seed) < 0:
+        raise VitkitError(f"the data seed must be 0 or more, got {seed}; set seed to a non-negative integer")
+    return int(seed)
+
+
+class ShardSampler(Sampler[int]):
+    """The indices one rank reads in one epoch; the same on every rank for an epoch, new for each epoch.
+
+    Each epoch permutes range(num_samples) with a generator seeded from (seed, epoch) (identity order when
+    `shuffle` is False) and rank r takes positions r, r + world_size, ... With `pad` (training) the permutation is
+    first extended by repeating its start so every rank gets ceil(num_samples / world_size) indices, as
+    DistributedSampler and the original's sharding do. Without it (evaluation) every sample is read exactly once
+    across the ranks and rank lengths differ by at most one.
+
+    `set_epoch(e)` selects epoch e from its start; `skip(n)` then drops this rank's first n indices of that epoch,
+    so a run resumed after n samples continues with exactly the next one. len() counts what is left.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        pad: bool = True,
+    ):
+        if num_samples < 1:
+            raise VitkitError("the dataset is empty (0 samples); point the data path at a folder with images")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise VitkitError(f"rank {rank} does not fit world size {world_size}; launch with torchrun")
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = check_seed(seed)
+        self.pad = pad
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """This rank's number of indices in a whole epoch, whatever was skipped."""
+        if self.pad:
+            return -(-self.num_samples // self.world_size)
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.start = 0
+
+    def skip(self, num_consumed: int) -> None:
+        if not 0 <= num_consumed <= self.samples_per_epoch:
+            raise VitkitError(
+                f"cannot skip {num_consumed} samples of an epoch of {self.samples_per_epoch} on this rank; "
+                "resume from a checkpoint written with the same data and world size"
+            )
+        self.start = int(num_consumed)
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's whole epoch, before skipping."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        if self.pad:
+            total = self.samples_per_epoch * self.world_size
+            repeats = -(-total // self.num_samples)
+            order = order.repeat(repeats)[:total]
+        return order[self.rank::self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch - self.start
+
+
+def collate_skipping_failures(
+    batch: Sequence[tuple[torch.Tensor | None, int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Stacks (image, label, index) samples into (images uint8 (B,3,H,W), labels int64, indices int64, failed).
+
+    Samples whose image is None (the dataset could not read them and warned) are left out and counted in `failed`.
+    A batch where every image failed gives B = 0 with images of shape (0, 3, 0, 0); the caller skips it.
+    """
+    kept = [sample for sample in batch if sample[0] is not None]
+    failed = len(batch) - len(kept)
+    if not kept:
+        empty = torch.empty(0, dtype=torch.int64)
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8), empty, empty.clone(), failed
+    images = torch.stack([image for image, _, _ in kept])
+    labels = torch.tensor([label for _, label, _ in kept], dtype=torch.int64)
+    indices = torch.tensor([index for _, _, index in kept], dtype=torch.int64)
+    return images, labels, indices, failed
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader whose set_epoch reaches both the sampler (order) and the dataset (augmentation seeds)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before iterating each epoch; persistent workers see the dataset's epoch through shared memory."""
+        for part in (self.sampler, self.dataset):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+
+def build_loader(
+    dataset: Dataset,
+    sampler: Sampler[int],
+    batch_size: int,
+    num_workers: int,
+    drop_last: bool,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int = 2,
+) -> EpochDataLoader:
+    """Batches of `collate_skipping_failures` in the sampler's order.
+
+    drop_last=True is for training (the original drops the remainder there); evaluation keeps every sample.
+    pin_memory defaults to whether CUDA is available, persistent_workers to whether there are workers, so the
+    workers (and their decoders) survive between epochs.
+    """
+    if batch_size < 1:
+        raise VitkitError(f"batch_size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise VitkitError(f"num_workers must be 0 (read in the main process) or more, got {num_workers}")
+    with_workers = num_workers > 0
+    return EpochDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_failures,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=with_workers if persistent_workers is None else persistent_workers and with_workers,
+        prefetch_factor=prefetch_factor if with_workers else None,
+        # Its own generator: each iteration draws a worker base seed, which would otherwise come from (and shift)
+        # the main process's stream that dropout uses. Augmentation does not depend on it (the dataset seeds
+        # every sample), so a fixed seed is enough.
+        generator=torch.Generator().manual_seed(0),
+    )

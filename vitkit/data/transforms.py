@@ -1,0 +1,159 @@
+"""Per-sample image transforms (uint8 in and out, in loader workers) and the batch normalization on the device."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+
+from vitkit.errors import VitkitError
+
+# ImageNet mean and std on the 0-255 scale, as the original's Normalize uses them.
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+# The original's ratio range: 1.333, not 4/3.
+CROP_RATIO = (0.75, 1.333)
+# The original's AutoAugment fills uncovered pixels with (128, 128, 128); RandAugment and TrivialAugment follow it.
+AUGMENT_FILL = 128
+AUGMENTS = ("autoaugment", "randaugment", "trivialaugment", "none")
+
+# torchvision resizes uint8 tensors with NEAREST, BILINEAR and BICUBIC only (LANCZOS arrived for tensors after
+# torchvision 0.26), so the PIL-only filters map to BICUBIC with antialiasing, the nearest tensor equivalent: every
+# torchvision version then gives the same pixels. MindSpore's names are accepted: LINEAR and CUBIC are its aliases,
+# AREA is a box filter, PILCUBIC is PIL's bicubic and ANTIALIAS is PIL's Lanczos.
+INTERPOLATIONS = {
+    "NEAREST": InterpolationMode.NEAREST,
+    "BILINEAR": InterpolationMode.BILINEAR,
+    "LINEAR": InterpolationMode.BILINEAR,
+    "BICUBIC": InterpolationMode.BICUBIC,
+    "CUBIC": InterpolationMode.BICUBIC,
+    "PILCUBIC": InterpolationMode.BICUBIC,
+    "LANCZOS": InterpolationMode.BICUBIC,
+    "ANTIALIAS": InterpolationMode.BICUBIC,
+    "BOX": InterpolationMode.BICUBIC,
+    "AREA": InterpolationMode.BICUBIC,
+    "HAMMING": InterpolationMode.BICUBIC,
+}
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """The torchvision mode for an interpolation name (case-insensitive); unknown names are an error, not BILINEAR."""
+    mode = INTERPOLATIONS.get(str(name).upper())
+    if mode is None:
+        raise VitkitError(f"unknown interpolation {name!r}; choose one of {', '.join(INTERPOLATIONS)}")
+    return mode
+
+
+def eval_resize_size(image_size: int) -> int:
+    """The eval resize of the shorter side before the center crop: the original's size / 0.875, rounded to 16."""
+    return int(int(image_size / 0.875 / 16 + 0.5) * 16)
+
+
+class UInt8RandomErasing(v2.RandomErasing):
+    """Random erasing on uint8 images, filling the box with per-pixel noise.
+
+    torchvision's 'random' value draws N(0, 1) per pixel, which only makes sense after normalization (cast to uint8 it
+    is nearly all 0 and 1). This draws the same noise and maps it to the pixel a normalized N(0, 1) value stands for,
+    mean + std * z on the 0-255 scale, rounded and clipped to [0, 255] (about ±2.1 std): after the device-side
+    normalization the box looks like timm's and torchvision's random erasing, clipped at ±2.1 std. The box and the
+    noise come from torch's global generator, like every other random transform here.
+    """
+
+    def __init__(self, p: float):
+        super().__init__(p=p, value="random")
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params = super().make_params(flat_inputs)
+        noise = params["v"]
+        if noise is not None:
+            mean = torch.tensor(IMAGENET_MEAN_255).view(-1, 1, 1)
+            std = torch.tensor(IMAGENET_STD_255).view(-1, 1, 1)
+            params["v"] = (mean + std * noise).round_().clamp_(0, 255).to(torch.uint8)
+        return params
+
+
+def augment_transform(augment: str, randaugment_ops: int, randaugment_magnitude: int) -> v2.Transform | None:
+    """The policy transform for an augment name, or None for 'none'."""
+    name = str(augment).lower()
+    if name == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=AUGMENT_FILL)
+    if name == "randaugment":
+        return v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, fill=AUGMENT_FILL)
+    if name == "trivialaugment":
+        return v2.TrivialAugmentWide(fill=AUGMENT_FILL)
+    if name == "none":
+        return None
+    raise VitkitError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+
+
+def train_transform(
+    image_size: int,
+    crop_min: float = 0.05,
+    interpolation: str = "BILINEAR",
+    augment: str = "autoaugment",
+    randaugment_ops: int = 2,
+    randaugment_magnitude: int = 9,
+    random_erasing: float = 0.0,
+) -> v2.Compose:
+    """The training pipeline on a uint8 (3, H, W) image: random resized crop, horizontal flip, policy, erasing.
+
+    As the original: crop area in [crop_min, 1] of the image and aspect ratio in [0.75, 1.333], flip with p 0.5,
+    then the augment policy on the cropped image. All randomness comes from torch's global generator, which the
+    dataset seeds per sample.
+    """
+    if not 0.0 < crop_min <= 1.0:
+        raise VitkitError(f"crop_min must be in (0, 1], got {crop_min}")
+    if not 0.0 <= random_erasing <= 1.0:
+        raise VitkitError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
+    stages: list[v2.Transform] = [
+        v2.RandomResizedCrop(
+            image_size,
+            scale=(crop_min, 1.0),
+            ratio=CROP_RATIO,
+            interpolation=interpolation_mode(interpolation),
+            antialias=True,
+        ),
+        v2.RandomHorizontalFlip(0.5),
+    ]
+    policy = augment_transform(augment, randaugment_ops, randaugment_magnitude)
+    if policy is not None:
+        stages.append(policy)
+    if random_erasing > 0:
+        stages.append(UInt8RandomErasing(random_erasing))
+    return v2.Compose(stages)
+
+
+def eval_transform(image_size: int, interpolation: str = "BILINEAR", resize_size: int | None = None) -> v2.Compose:
+    """The evaluation pipeline: the shorter side to `resize_size`, then the center image_size x image_size crop.
+
+    resize_size None or 0 is the original's eval_resize_size(image_size), 256 for 224. Small images (28 px
+    Fashion-MNIST) want resize_size = image_size instead: the formula would crop away 40% of them.
+    """
+    resize_size = resize_size or eval_resize_size(image_size)
+    if resize_size < image_size:
+        raise VitkitError(f"the eval resize size {resize_size} is below the crop size {image_size}; raise it or use 0")
+    return v2.Compose([
+        v2.Resize(resize_size, interpolation=interpolation_mode(interpolation), antialias=True),
+        v2.CenterCrop(image_size),
+    ])
+
+
+@functools.lru_cache(maxsize=None)
+def _normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device: building them each step would copy from the host, and such a copy waits for the device.
+    mean = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float32).view(-1, 1, 1).to(device)
+    std = torch.tensor(IMAGENET_STD_255, dtype=torch.float32).view(-1, 1, 1).to(device)
+    return mean, std
+
+
+def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(x - mean) / std per channel for uint8 (B, 3, H, W) or (3, H, W) images, on the images' device.
+
+    The arithmetic is float32 whatever `dtype` is, so a bfloat16 result is rounded once, at the end.
+    """
+    mean, std = _normalization_constants(images.device)
+    # Out of place first: uint8 minus float32 promotes to a new float32 tensor and the caller's batch stays intact.
+    return torch.sub(images, mean).div_(std).to(dtype)

@@ -1,0 +1,77 @@
+"""From a resolved config to the objects a run needs: the device, the model, its pretrained weights."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from vitkit.errors import VitkitError
+from vitkit.model.loading import load_state, read_weights
+from vitkit.model.vit import VisionTransformer, make_arch
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitkitError(f"train.device is '{name}' but no CUDA GPU is visible: use train.device=auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16/fp16 autocast for the forward pass; fp32 runs as written."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def build_model(model_cfg, num_classes: int | None = None) -> VisionTransformer:
+    """The configured preset, any shape fields set in the config, its numerics, regularisation and components."""
+    shape = {key: getattr(model_cfg, key) for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim")}
+    arch = make_arch(
+        model_cfg.name,
+        **{key: value for key, value in shape.items() if value},
+        num_classes=model_cfg.num_classes if num_classes is None else num_classes,
+        image_size=model_cfg.image_size,
+        init=model_cfg.init,
+        ln_eps=model_cfg.ln_eps,
+        gelu=model_cfg.gelu,
+        pool=model_cfg.pool,
+        class_token=model_cfg.pool == "token",
+        pos_embed=model_cfg.pos_embed,
+        drop_rate=model_cfg.drop_rate,
+        proj_drop_rate=model_cfg.proj_drop_rate,
+        mlp_drop_rate=model_cfg.mlp_drop_rate,
+        attn_drop_rate=model_cfg.attn_drop_rate,
+        drop_path_rate=model_cfg.drop_path_rate,
+    )
+    return VisionTransformer(arch, components=model_cfg.components or None)
+
+
+def load_pretrained(model: VisionTransformer, path: str) -> list[str]:
+    """Non-strict start from any checkpoint load_model reads (the original's `pretrained`).
+
+    A head for another class count is left freshly initialised (transfer learning, as the original's
+    train_modelarts.py); position embeddings are resampled when the image size differs. Returns what was not loaded.
+    """
+    state = dict(read_weights(path).state_dict)
+    own = model.state_dict()
+    skipped = []
+    for name in ("head.weight", "head.bias"):
+        if name in state and (name not in own or state[name].shape != own[name].shape):
+            skipped.append(name)
+            del state[name]
+    skipped += [name for name in own if name not in state and name not in skipped]
+    unexpected = [name for name in state if name not in own]
+    if unexpected:
+        raise VitkitError(
+            f"pretrained checkpoint '{path}' has {len(unexpected)} tensor(s) this model lacks (e.g. {unexpected[0]}): "
+            "pick the model preset the checkpoint was trained with"
+        )
+    load_state(model, state, strict=False)
+    return skipped

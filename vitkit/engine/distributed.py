@@ -1,0 +1,55 @@
+"""Process-group set-up from torchrun's environment, and wrapping the model for data parallelism."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vitkit.errors import VitkitError
+
+
+@dataclasses.dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1  # processes on this machine, sharing its CPU cores
+    owns_group: bool = False
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(dist_cfg) -> DistContext:
+    """One process: nothing to set up. Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU, with a timeout."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if dist.is_initialized():
+        return DistContext(rank, world_size, local_rank, local_world_size, owns_group=False)
+    backend = dist_cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise VitkitError("distributed.backend is nccl but no CUDA GPU is visible: use gloo or auto")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=dist_cfg.timeout_s))
+    return DistContext(rank, world_size, local_rank, local_world_size, owns_group=True)
+
+
+def wrap_model(model: nn.Module, context: DistContext, device: torch.device, strategy: str) -> nn.Module:
+    """DDP when several processes train; the plain model otherwise. Gradients are averaged across ranks."""
+    if context.world_size <= 1:
+        return model
+    if strategy != "ddp":
+        raise VitkitError(f"distributed.strategy '{strategy}' is not available yet: use ddp")
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -1,0 +1,81 @@
+"""Exact top-1/top-5: every image counted once, counts summed on the device (and across ranks)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from vitkit.data.transforms import normalize_batch
+from vitkit.engine.build import autocast_context
+
+
+@dataclasses.dataclass
+class EvalResult:
+    correct1: int
+    correct5: int
+    total: int
+    failed: int  # unreadable images, skipped
+
+    @property
+    def top1(self) -> float:
+        return self.correct1 / self.total if self.total else 0.0
+
+    @property
+    def top5(self) -> float:
+        return self.correct5 / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "correct1": self.correct1, "correct5": self.correct5,
+                "total": self.total, "failed": self.failed}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32") -> EvalResult:
+    was_training = model.training
+    model.eval()
+    hits_sum = torch.zeros(2, dtype=torch.int64, device=device)  # top-1 and top-5 hits, summed without a host sync
+    total = failed_total = 0
+    for images, labels, _, failed in loader:
+        failed_total += failed
+        if not images.shape[0]:
+            continue
+        images = normalize_batch(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with autocast_context(precision, device):
+            logits = model(images)
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = ranked == labels[:, None]
+        hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        total += labels.shape[0]
+    counts = torch.cat([hits_sum, torch.tensor([total, failed_total], device=device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    correct1, correct5, total, failed = counts.tolist()
+    return EvalResult(correct1, correct5, total, failed)
+
+
+def evaluate_checkpoint(cfg, model_path: str) -> EvalResult:
+    """`vitkit eval`: a checkpoint of any format load_model reads, over cfg.data.val_path at cfg.eval's size."""
+    from vitkit.data.folder import ImageFolderDataset, list_image_folder
+    from vitkit.data.loader import ShardSampler, build_loader
+    from vitkit.data.transforms import eval_transform
+    from vitkit.engine.build import pick_device
+    from vitkit.errors import VitkitError
+    from vitkit.model.loading import load_model
+
+    if not model_path:
+        raise VitkitError("no checkpoint to evaluate: pass --model PATH (or set model.pretrained / pretrained)")
+    device = pick_device(cfg.train.device)
+    overrides = {"image_size": cfg.eval.image_size}
+    if cfg.model.num_heads:
+        overrides["num_heads"] = cfg.model.num_heads
+    model = load_model(model_path, device=device, **overrides)
+    samples, _ = list_image_folder(cfg.data.val_path, model.arch.num_classes)
+    dataset = ImageFolderDataset(
+        samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None)
+    )
+    sampler = ShardSampler(len(samples), shuffle=False, pad=False)
+    loader = build_loader(dataset, sampler, cfg.eval.batch_size, cfg.eval.num_workers, drop_last=False)
+    return evaluate(model, loader, device, cfg.train.precision)

@@ -1,0 +1,344 @@
+"""`vitkit train`: the original's recipe on image folders, with its log lines, exact eval, checkpoints and resume."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitkit.config import Config, config_to_dict, to_flat
+from vitkit.data.folder import ImageFolderDataset, list_image_folder
+from vitkit.data.loader import ShardSampler, build_loader
+from vitkit.data.mixup import BatchMixer
+from vitkit.data.transforms import eval_transform, normalize_batch, train_transform
+from vitkit.engine import checkpoint as ckpt
+from vitkit.engine.build import autocast_context, build_model, load_pretrained, pick_device
+from vitkit.engine.distributed import DistContext, setup_distributed, wrap_model
+from vitkit.engine.evaluate import evaluate
+from vitkit.engine.losses import build_loss
+from vitkit.engine.lr_schedule import PerStepLR, build_lr_schedule
+from vitkit.engine.optim import build_optimizer, centralize_gradients
+from vitkit.engine.runlog import RunLog, format_epoch_line, host_ip
+from vitkit.errors import VitkitError
+
+
+def _mix_seed(seed: int, step: int) -> int:
+    """A per-step seed for the batch mixer, so mixup draws depend on (seed, step) alone and survive a resume."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is: what a checkpoint must hold besides the model and optimizer to resume exactly."""
+
+    epoch: int = 0  # 0-based index of the epoch in progress
+    step_in_epoch: int = 0  # optimizer steps already done in it
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0  # sum of the step losses so far in this epoch
+    epoch_failed: int = 0
+    best_acc: float = -1.0
+    best_stem: str = ""
+    fps_history: list = dataclasses.field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist: DistContext = setup_distributed(cfg.distributed)
+        self.device = pick_device(cfg.train.device, self.dist.local_rank)
+        self.output_dir = Path(cfg.checkpoint.output_dir)
+        self.is_main = self.dist.rank == 0
+        resume_path = ckpt.resolve_resume(cfg.train.resume, self.output_dir)
+        resume_state = ckpt.load_training_checkpoint(resume_path) if resume_path is not None else None
+        if resume_path is None and self.is_main:
+            self._refuse_to_overwrite()
+        self.log = RunLog(cfg.logging.log_dir or self.output_dir, rank=self.dist.rank, console=self.is_main,
+                          jsonl=cfg.logging.jsonl)
+        torch.manual_seed(cfg.train.seed)
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self.progress = Progress()
+        if resume_state is not None:
+            self._resume(resume_path, resume_state)
+
+    # ---- set-up -----------------------------------------------------------------------------------------------
+    def _refuse_to_overwrite(self) -> None:
+        if ckpt.list_checkpoints(self.output_dir) and not self.cfg.checkpoint.overwrite:
+            raise VitkitError(
+                f"'{self.output_dir}' already holds another run's checkpoints: continue it with --resume auto, "
+                "pick another checkpoint.output_dir, or set checkpoint.overwrite=true"
+            )
+
+    def _build_data(self) -> None:
+        cfg, data = self.cfg, self.cfg.data
+        train_samples, self.class_names = list_image_folder(data.train_path, cfg.model.num_classes)
+        val_samples, val_classes = list_image_folder(data.val_path, cfg.model.num_classes)
+        if val_classes != self.class_names:
+            raise VitkitError(
+                f"validation classes differ from training classes ({len(val_classes)} vs {len(self.class_names)} folders): "
+                "give train and val the same class folders"
+            )
+        self.train_set = ImageFolderDataset(
+            train_samples,
+            train_transform(cfg.model.image_size, crop_min=data.crop_min, interpolation=data.interpolation,
+                            augment=data.augment, randaugment_ops=data.randaugment_ops,
+                            randaugment_magnitude=data.randaugment_magnitude, random_erasing=data.random_erasing),
+            seed=cfg.train.seed,
+        )
+        self.train_sampler = ShardSampler(len(train_samples), rank=self.dist.rank, world_size=self.dist.world_size,
+                                          shuffle=True, seed=cfg.train.seed, pad=True)
+        self.steps_per_epoch = len(self.train_sampler) // data.batch_size
+        if self.steps_per_epoch == 0:
+            raise VitkitError(
+                f"the training set has {len(train_samples)} images, fewer than one batch of {data.batch_size} per "
+                f"process: lower data.batch_size"
+            )
+        self.train_loader = build_loader(self.train_set, self.train_sampler, data.batch_size,
+                                         self._workers(data.num_workers), drop_last=True)
+        val_set = ImageFolderDataset(val_samples, eval_transform(cfg.eval.image_size, interpolation=data.interpolation,
+                                                                 resize_size=cfg.eval.resize_size or None),
+                                     seed=cfg.train.seed)
+        val_sampler = ShardSampler(len(val_samples), rank=self.dist.rank, world_size=self.dist.world_size,
+                                   shuffle=False, seed=cfg.train.seed, pad=False)
+        self.val_loader = build_loader(val_set, val_sampler, cfg.eval.batch_size, self._workers(cfg.eval.num_workers),
+                                       drop_last=False)
+
+    def _workers(self, wanted: int) -> int:
+        """The original's 14 and 12 workers assume a 192-core host; more workers than cores only thrash."""
+        available = max(1, len(os.sched_getaffinity(0)) // self.dist.local_world_size)
+        if wanted > available:
+            self.log.info(f"using {available} loader workers instead of {wanted}: this process has {available} CPU cores")
+        return min(wanted, available)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.model = build_model(cfg.model).to(self.device)
+        if cfg.model.pretrained:
+            skipped = load_pretrained(self.model, cfg.model.pretrained)
+            note = f" (left freshly initialised: {', '.join(skipped)})" if skipped else ""
+            self.log.info(f"loaded pretrained weights from {cfg.model.pretrained}{note}")
+        self.train_model = wrap_model(self.model, self.dist, self.device, cfg.distributed.strategy)
+        if cfg.train.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    def _build_optimization(self) -> None:
+        cfg = self.cfg
+        opt, sched = cfg.optimizer, cfg.schedule
+        self.optimizer = build_optimizer(self.model, opt.name, sched.lr_max, (opt.beta1, opt.beta2), opt.eps,
+                                         opt.weight_decay, opt.no_weight_decay_filter, opt.gc_flag)
+        self.lrs = build_lr_schedule(sched.lr_decay_mode, sched.lr_init, sched.lr_max, sched.lr_min,
+                                     sched.warmup_epochs, sched.max_epoch, self.steps_per_epoch, sched.poly_power)
+        self.scheduler = PerStepLR(self.optimizer, self.lrs)
+        smoothing = cfg.loss.label_smooth_factor if cfg.loss.use_label_smooth else 0.0
+        self.criterion = build_loss(cfg.loss.name, cfg.model.num_classes, smoothing)
+        self.mix_generator = torch.Generator()
+        self.mixer = BatchMixer(cfg.model.num_classes, mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
+                                generator=self.mix_generator)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.train.loss_scale,
+                                           enabled=cfg.train.precision == "fp16")
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": "vitkit-train",
+            "arch": ckpt.arch_dict(self.model),
+            "class_names": self.class_names,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": dataclasses.asdict(self.progress),
+            "rng": rng,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def _save(self) -> None:
+        if not (self.is_main and self.cfg.checkpoint.save_checkpoint):
+            return
+        stem = ckpt.checkpoint_stem(self.cfg.model.name, self.progress.epoch + 1, self.progress.step_in_epoch)
+        if self.progress.step_in_epoch == self.steps_per_epoch:
+            # At an epoch's end the position is the start of the next one; the name keeps the original's `-{e}_{steps}`.
+            state = self._state()
+            state["progress"].update(epoch=self.progress.epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_failed=0)
+        else:
+            state = self._state()
+        ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model)
+        ckpt.prune_checkpoints(self.output_dir, self.cfg.checkpoint.keep_checkpoint_max, protect=self.progress.best_stem)
+
+    def _resume(self, path: Path, state: dict) -> None:
+        if state["arch"] != ckpt.arch_dict(self.model):
+            raise VitkitError(f"'{path}' was trained with another architecture: resume with the config it was made with")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.log.info(f"resumed from {path} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}")
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = normalize_batch(images.to(self.device, non_blocking=True))
+        labels = labels.to(self.device, non_blocking=True)
+        if self.mixer.enabled:
+            self.mix_generator.manual_seed(_mix_seed(self.cfg.train.seed, self.progress.global_step))
+            images, targets = self.mixer(images, labels)
+        else:
+            targets = labels
+        with autocast_context(self.cfg.train.precision, self.device):
+            logits = self.train_model(images)
+        loss = self.criterion(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optimizer.gc_flag:
+            centralize_gradients(self.optimizer.param_groups)  # linear, so it commutes with the loss scale
+        if self.cfg.optimizer.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def _should_evaluate(self, epoch: int) -> bool:
+        interval, offset = self.cfg.eval.interval, self.cfg.eval.offset
+        if offset < 0:
+            offset = self.cfg.schedule.max_epoch % interval
+        return (epoch + 1) % interval == offset
+
+    def _run_epoch(self, profiler=None) -> tuple[float, float]:
+        """Train the rest of the current epoch; returns (mean loss, wall seconds)."""
+        progress, batch = self.progress, self.cfg.data.batch_size
+        self.train_loader.set_epoch(progress.epoch)
+        self.train_sampler.skip(progress.step_in_epoch * batch)
+        self.train_model.train()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        started = time.perf_counter()
+        steps_total = self.steps_per_epoch
+        bar = self._progress_bar(steps_total - progress.step_in_epoch)
+        save_every = self.cfg.checkpoint.save_checkpoint_steps
+        for images, labels, _, failed in self.train_loader:
+            if progress.step_in_epoch >= steps_total:
+                break
+            if images.shape[0]:
+                loss_sum += self._train_step(images, labels)
+            else:
+                self.scheduler.step()  # every image of the batch was unreadable: keep the schedule on its steps
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            progress.epoch_failed += failed
+            if bar is not None:
+                bar.update(1)
+            if profiler is not None:
+                profiler.step()
+            if save_every and progress.global_step % save_every == 0 and progress.step_in_epoch < steps_total:
+                progress.epoch_loss_sum += loss_sum.item()
+                loss_sum.zero_()
+                self._save()
+        if bar is not None:
+            bar.close()
+        progress.epoch_loss_sum += loss_sum.item()
+        elapsed = time.perf_counter() - started
+        return progress.epoch_loss_sum / max(progress.step_in_epoch, 1), elapsed
+
+    def _progress_bar(self, total: int):
+        import sys
+
+        wanted = self.cfg.logging.progress
+        if not self.is_main or wanted == "plain" or (wanted == "auto" and not sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"epoch {self.progress.epoch}", leave=False, dynamic_ncols=True)
+
+    def fit(self) -> dict:
+        cfg, progress = self.cfg, self.progress
+        if self.is_main:
+            self.log.args(to_flat(cfg))
+            self.log.info("compile time used=0.00s")
+        run_started = time.perf_counter()
+        profiler = self._start_profiler()
+        while progress.epoch < cfg.schedule.max_epoch:
+            epoch = progress.epoch
+            mean_loss, epoch_time = self._run_epoch(profiler)
+            if profiler is not None:
+                profiler.stop()
+                self.log.info(f"profiler trace written to {self._profile_path}")
+                profiler = None
+            lr = float(self.lrs[min((epoch + 1) * self.steps_per_epoch, len(self.lrs)) - 1])
+            fps = cfg.data.batch_size * self.dist.world_size * self.steps_per_epoch / epoch_time
+            progress.fps_history.append(fps)
+            record = {"epoch": epoch, "epoch_time": epoch_time, "step_time": epoch_time / self.steps_per_epoch,
+                      "loss": mean_loss, "lr": lr, "fps": fps, "failed_images": progress.epoch_failed}
+            accuracy = eval_cost = None
+            if self._should_evaluate(epoch):
+                eval_started = time.perf_counter()
+                result = evaluate(self.model, self.val_loader, self.device, cfg.train.precision)
+                eval_cost = time.perf_counter() - eval_started
+                accuracy = result.top1
+                record.update(accuracy=result.top1, top5=result.top5, eval_images=result.total, eval_cost=eval_cost)
+                if accuracy > progress.best_acc:
+                    progress.best_acc = accuracy
+                    progress.best_stem = ckpt.checkpoint_stem(cfg.model.name, epoch + 1, self.steps_per_epoch)
+            if self.is_main:
+                line = format_epoch_line(epoch, epoch_time, epoch_time / self.steps_per_epoch, mean_loss, lr, fps,
+                                         accuracy, eval_cost)
+                if progress.epoch_failed:
+                    line += f", skipped_images={progress.epoch_failed}"
+                self.log.info(line)
+                self.log.metrics(record)
+            progress.step_in_epoch = self.steps_per_epoch
+            every = cfg.checkpoint.save_checkpoint_epochs
+            if (epoch + 1) % every == 0 or epoch + 1 == cfg.schedule.max_epoch or progress.best_stem.endswith(f"-{epoch + 1}_{self.steps_per_epoch}"):
+                self._save()
+            progress.epoch += 1
+            progress.step_in_epoch = 0
+            progress.epoch_loss_sum = 0.0
+            progress.epoch_failed = 0
+        summary = self._finish(time.perf_counter() - run_started)
+        return summary
+
+    def _finish(self, training_time: float) -> dict:
+        progress = self.progress
+        mean_fps = sum(progress.fps_history) / len(progress.fps_history) if progress.fps_history else 0.0
+        if self.is_main:
+            self.log.info(f"training time used={training_time:.2f}s")
+            self.log.info(f"last_metric[{progress.best_acc}]")
+            self.log.info(f"ip[{host_ip()}], mean_fps[{mean_fps:.2f}]")
+        self.log.close()
+        return {"best_acc": progress.best_acc, "mean_fps": mean_fps, "training_time": training_time,
+                "global_step": progress.global_step}
+
+    def _start_profiler(self):
+        if not self.cfg.train.open_profiler or not self.is_main:
+            return None
+        self._profile_path = self.output_dir / f"profile_rank{self.dist.rank}.json"
+        path = self._profile_path
+
+        def write_trace(prof):
+            prof.export_chrome_trace(str(path))
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities, on_trace_ready=write_trace,
+                                          schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
+        profiler.start()
+        return profiler
+
+
+def train(cfg: Config) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
