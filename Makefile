@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # PyTorch builds that lie on this project's machines' local disk; override on other machines (torch>=2.11 works).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
+DEMO_DATA := data/fashion-mnist
+DEMO_CONFIG := configs/fashion_mnist_vit.yml
+
 .PHONY: setup demo test clean
 
 setup: $(VENV)/.installed
@@ -16,9 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,deploy]'
 	touch $@
 
-demo: setup
-	$(VENV)/bin/vitkit models
-	$(VENV)/bin/vitkit config --config_path configs/vit_patch32_imagenet2012_config_standalone.yml --batch_size=64
+# The main job: Fashion-MNIST as image folders, a small ViT trained from scratch, then evaluated.
+# Re-running continues an interrupted run (--resume auto) and re-evaluates a finished one.
+demo: setup $(DEMO_DATA)/.complete
+	$(VENV)/bin/vitkit train --config_path $(DEMO_CONFIG) --resume auto
+	$(VENV)/bin/vitkit eval --config_path $(DEMO_CONFIG) --model outputs/fashion_mnist
+
+$(DEMO_DATA)/.complete: | setup
+	test -d /usr/share/datasets/fashion-mnist || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
+	$(VENV)/bin/vitkit data fashion-mnist $(DEMO_DATA)
 
 test: setup
 	$(PY) -m pytest -q

@@ -139,3 +139,14 @@ def test_bad_model_arguments_are_one_clear_line(make, fragment):
     with pytest.raises(vitkit.VitkitError) as caught:
         make()
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_originals_vit_config_path_key_swaps_components_from_a_config():
+    from vitkit.config import load_config
+    from vitkit.engine.build import build_model
+
+    cfg = load_config(None, ["--backbone=vit_tiny_patch16", "--train_image_size=32", "--eval_image_size=32",
+                             f"--vit_config_path={__name__}._ReluParts"])
+    assert isinstance(build_model(cfg.model).blocks[0].mlp.act, nn.ReLU)
+    default = load_config(None, ["--backbone=vit_tiny_patch16", "--vit_config_path=src.vit.VitConfig"])
+    assert default.model.components == "" and any("src.vit.VitConfig" in note for note in default.notes)

@@ -167,6 +167,19 @@ def test_pretrained_with_another_class_count_gets_a_new_head(tiny_dataset, tmp_p
     assert trainer.model.pos_embed.shape == (1, 17, 32)  # resampled from 48 px (37 tokens) to 32 px (17 tokens)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu_with_fp32_weights(tiny_dataset, tmp_path, precision):
+    trainer = Trainer(tiny_config(tiny_dataset, tmp_path / "run", f"--train.precision={precision}", "--max_epoch=1",
+                                  "--loss_scale=1024"))
+    before = trainer.model.blocks[0].mlp.fc1.weight.detach().clone()
+    summary = trainer.fit()
+    assert summary["global_step"] == 4
+    weight = trainer.model.blocks[0].mlp.fc1.weight
+    assert weight.dtype == torch.float32 and torch.isfinite(weight).all() and not torch.equal(weight, before)
+    if precision == "fp16":
+        assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() <= 1024.0  # the original's 1024 starts it
+
+
 def test_ce_smooth_mixup_works_with_mixup_off(tiny_dataset, tmp_path):
     summary = train(tiny_config(tiny_dataset, tmp_path / "run", "--mixup=0", "--loss_name=ce_smooth_mixup",
                                 "--max_epoch=1"))

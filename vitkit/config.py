@@ -86,6 +86,9 @@ class DataConfig:
         choices=("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING", "AREA", "PILCUBIC", "ANTIALIAS"),
     )
     crop_min: float = _option(0.05, "smallest area fraction of a random resized crop", flat="crop_min", gt=0, le=1)
+    random_crop: bool = _option(
+        True, "random resized crop in training; false resizes the whole image (small centred images, e.g. 28 px)"
+    )
     batch_size: int = _option(256, "training images per device per step", flat="batch_size", ge=1)
     num_workers: int = _option(14, "training loader processes per device", flat="train_num_workers", ge=0)
     augment: str = _option(

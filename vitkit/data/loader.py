@@ -1,6 +1,8 @@
 """Sample order across ranks and epochs, batching that drops unreadable images, and the DataLoader around them."""
 from __future__ import annotations
 
+import os
+
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -127,6 +129,13 @@ class EpochDataLoader(DataLoader):
         for part in (self.sampler, self.dataset):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
+
+
+def usable_workers(wanted: int, processes_per_machine: int = 1) -> int:
+    """At most one loader worker per CPU core this process may use: the original's 14 and 12 workers assume a
+    192-core host, and more workers than cores only thrash."""
+    cores = max(1, len(os.sched_getaffinity(0)) // max(1, processes_per_machine))
+    return min(wanted, cores)
 
 
 def build_loader(

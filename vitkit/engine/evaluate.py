@@ -56,10 +56,26 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
     return EvalResult(correct1, correct5, total, failed)
 
 
-def evaluate_checkpoint(cfg, model_path: str) -> EvalResult:
-    """`vitkit eval`: a checkpoint of any format load_model reads, over cfg.data.val_path at cfg.eval's size."""
+def newest_weights(path: str) -> str:
+    """A training run's folder stands for the weights of its newest checkpoint; anything else is itself."""
+    from pathlib import Path
+
+    from vitkit.engine.checkpoint import WEIGHTS_SUFFIX, list_checkpoints
+    from vitkit.errors import VitkitError
+
+    if not Path(path).is_dir():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise VitkitError(f"'{path}' is a folder without vitkit checkpoints: pass a checkpoint file with --model")
+    return str(found[-1].with_suffix(WEIGHTS_SUFFIX))
+
+
+def evaluate_checkpoint(cfg, model_path: str) -> tuple[EvalResult, str]:
+    """`vitkit eval`: a checkpoint of any format load_model reads, over cfg.data.val_path at cfg.eval's size.
+    A run folder stands for its newest checkpoint; the file evaluated is returned with the result."""
     from vitkit.data.folder import ImageFolderDataset, list_image_folder
-    from vitkit.data.loader import ShardSampler, build_loader
+    from vitkit.data.loader import ShardSampler, build_loader, usable_workers
     from vitkit.data.transforms import eval_transform
     from vitkit.engine.build import pick_device
     from vitkit.errors import VitkitError
@@ -67,6 +83,7 @@ def evaluate_checkpoint(cfg, model_path: str) -> EvalResult:
 
     if not model_path:
         raise VitkitError("no checkpoint to evaluate: pass --model PATH (or set model.pretrained / pretrained)")
+    model_path = newest_weights(model_path)
     device = pick_device(cfg.train.device)
     overrides = {"image_size": cfg.eval.image_size}
     if cfg.model.num_heads:
@@ -77,5 +94,5 @@ def evaluate_checkpoint(cfg, model_path: str) -> EvalResult:
         samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None)
     )
     sampler = ShardSampler(len(samples), shuffle=False, pad=False)
-    loader = build_loader(dataset, sampler, cfg.eval.batch_size, cfg.eval.num_workers, drop_last=False)
-    return evaluate(model, loader, device, cfg.train.precision)
+    loader = build_loader(dataset, sampler, cfg.eval.batch_size, usable_workers(cfg.eval.num_workers), drop_last=False)
+    return evaluate(model, loader, device, cfg.train.precision), model_path

@@ -35,7 +35,8 @@ def host_ip() -> str:
 class RunLog:
     """Rank 0 logs to the console; every rank writes `{time}_rank_{rank}.log` in the log folder."""
 
-    def __init__(self, log_dir: str | Path, rank: int = 0, console: bool = True, jsonl: bool = True):
+    def __init__(self, log_dir: str | Path, rank: int = 0, console: bool = True, jsonl: bool = True,
+                 fresh: bool = True):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
@@ -55,6 +56,8 @@ class RunLog:
             console_handler.setFormatter(logging.Formatter(_CONSOLE_FORMAT, datefmt=_CONSOLE_DATEFMT))
             self.logger.addHandler(console_handler)
         self.jsonl_path = self.log_dir / "metrics.jsonl" if jsonl and rank == 0 else None
+        if self.jsonl_path is not None and fresh:
+            self.jsonl_path.unlink(missing_ok=True)  # a new run starts its own record; a resumed one appends
 
     def info(self, message: str) -> None:
         self.logger.info(message)

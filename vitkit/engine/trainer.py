@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from torch import nn
 
 from vitkit.config import Config, config_to_dict, to_flat
 from vitkit.data.folder import ImageFolderDataset, list_image_folder
-from vitkit.data.loader import ShardSampler, build_loader
+from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.data.mixup import BatchMixer
 from vitkit.data.transforms import eval_transform, normalize_batch, train_transform
 from vitkit.engine import checkpoint as ckpt
@@ -56,7 +55,7 @@ class Trainer:
         if resume_path is None and self.is_main:
             self._refuse_to_overwrite()
         self.log = RunLog(cfg.logging.log_dir or self.output_dir, rank=self.dist.rank, console=self.is_main,
-                          jsonl=cfg.logging.jsonl)
+                          jsonl=cfg.logging.jsonl, fresh=resume_state is None)
         torch.manual_seed(cfg.train.seed)
         self._build_data()
         self._build_model()
@@ -86,7 +85,8 @@ class Trainer:
             train_samples,
             train_transform(cfg.model.image_size, crop_min=data.crop_min, interpolation=data.interpolation,
                             augment=data.augment, randaugment_ops=data.randaugment_ops,
-                            randaugment_magnitude=data.randaugment_magnitude, random_erasing=data.random_erasing),
+                            randaugment_magnitude=data.randaugment_magnitude, random_erasing=data.random_erasing,
+                            random_crop=data.random_crop),
             seed=cfg.train.seed,
         )
         self.train_sampler = ShardSampler(len(train_samples), rank=self.dist.rank, world_size=self.dist.world_size,
@@ -108,11 +108,10 @@ class Trainer:
                                        drop_last=False)
 
     def _workers(self, wanted: int) -> int:
-        """The original's 14 and 12 workers assume a 192-core host; more workers than cores only thrash."""
-        available = max(1, len(os.sched_getaffinity(0)) // self.dist.local_world_size)
-        if wanted > available:
-            self.log.info(f"using {available} loader workers instead of {wanted}: this process has {available} CPU cores")
-        return min(wanted, available)
+        usable = usable_workers(wanted, self.dist.local_world_size)
+        if usable < wanted:
+            self.log.info(f"using {usable} loader workers instead of {wanted}: one per CPU core of this process")
+        return usable
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -163,12 +162,10 @@ class Trainer:
         if not (self.is_main and self.cfg.checkpoint.save_checkpoint):
             return
         stem = ckpt.checkpoint_stem(self.cfg.model.name, self.progress.epoch + 1, self.progress.step_in_epoch)
+        state = self._state()
         if self.progress.step_in_epoch == self.steps_per_epoch:
             # At an epoch's end the position is the start of the next one; the name keeps the original's `-{e}_{steps}`.
-            state = self._state()
             state["progress"].update(epoch=self.progress.epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_failed=0)
-        else:
-            state = self._state()
         ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model)
         ckpt.prune_checkpoints(self.output_dir, self.cfg.checkpoint.keep_checkpoint_max, protect=self.progress.best_stem)
 
@@ -280,13 +277,15 @@ class Trainer:
             record = {"epoch": epoch, "epoch_time": epoch_time, "step_time": epoch_time / self.steps_per_epoch,
                       "loss": mean_loss, "lr": lr, "fps": fps, "failed_images": progress.epoch_failed}
             accuracy = eval_cost = None
+            improved = False
             if self._should_evaluate(epoch):
                 eval_started = time.perf_counter()
                 result = evaluate(self.model, self.val_loader, self.device, cfg.train.precision)
                 eval_cost = time.perf_counter() - eval_started
                 accuracy = result.top1
                 record.update(accuracy=result.top1, top5=result.top5, eval_images=result.total, eval_cost=eval_cost)
-                if accuracy > progress.best_acc:
+                improved = accuracy > progress.best_acc
+                if improved:
                     progress.best_acc = accuracy
                     progress.best_stem = ckpt.checkpoint_stem(cfg.model.name, epoch + 1, self.steps_per_epoch)
             if self.is_main:
@@ -297,15 +296,14 @@ class Trainer:
                 self.log.info(line)
                 self.log.metrics(record)
             progress.step_in_epoch = self.steps_per_epoch
-            every = cfg.checkpoint.save_checkpoint_epochs
-            if (epoch + 1) % every == 0 or epoch + 1 == cfg.schedule.max_epoch or progress.best_stem.endswith(f"-{epoch + 1}_{self.steps_per_epoch}"):
+            # The best epoch is saved too, so that pruning can keep it.
+            if (epoch + 1) % cfg.checkpoint.save_checkpoint_epochs == 0 or epoch + 1 == cfg.schedule.max_epoch or improved:
                 self._save()
             progress.epoch += 1
             progress.step_in_epoch = 0
             progress.epoch_loss_sum = 0.0
             progress.epoch_failed = 0
-        summary = self._finish(time.perf_counter() - run_started)
-        return summary
+        return self._finish(time.perf_counter() - run_started)
 
     def _finish(self, training_time: float) -> dict:
         progress = self.progress
