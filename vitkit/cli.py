@@ -94,7 +94,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from vitkit.data.fashion_mnist import write_fashion_mnist
 
     summary = write_fashion_mnist(args.out, limit_per_split=args.limit)
-    print(f"Fashion-MNIST as an image folder in {args.out}: {summary}")
+    print(f"Fashion-MNIST in {summary['out_dir']}: {summary['train']} training images in train/, "
+          f"{summary['val']} validation images in val/, {len(summary['classes'])} classes")
     return 0
 
 
