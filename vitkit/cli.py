@@ -80,6 +80,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result, model_path = evaluate_checkpoint(cfg, cfg.model.pretrained)
     cost = time.perf_counter() - started
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank holds the same all-reduced result: rank 0 alone prints it
     if args.json:
         print(json.dumps({**result.as_dict(), "eval_cost": round(cost, 3), "model": model_path}))
     else:

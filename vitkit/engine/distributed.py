@@ -25,18 +25,21 @@ class DistContext:
             dist.destroy_process_group()
 
 
-def setup_distributed(dist_cfg) -> DistContext:
-    """One process: nothing to set up. Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU, with a timeout."""
+def setup_distributed(dist_cfg, device: str = "auto") -> DistContext:
+    """One process: nothing to set up. Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU, with a timeout.
+    `device` is train.device: a CPU run on a machine with GPUs still needs gloo, which NCCL cannot stand in for."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
+    if "RANK" not in os.environ:
+        raise VitkitError(f"WORLD_SIZE is {world_size} but RANK is not set: launch several processes with torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if dist.is_initialized():
         return DistContext(rank, world_size, local_rank, local_world_size, owns_group=False)
     backend = dist_cfg.backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise VitkitError("distributed.backend is nccl but no CUDA GPU is visible: use gloo or auto")

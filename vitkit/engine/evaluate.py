@@ -73,18 +73,29 @@ def newest_weights(path: str) -> str:
 
 def evaluate_checkpoint(cfg, model_path: str) -> tuple[EvalResult, str]:
     """`vitkit eval`: a checkpoint of any format load_model reads, over cfg.data.val_path at cfg.eval's size.
-    A run folder stands for its newest checkpoint; the file evaluated is returned with the result."""
+    A run folder stands for its newest checkpoint; the file evaluated is returned with the result.
+    Under torchrun each rank reads its own share of the images and every rank returns the all-reduced counts."""
+    from vitkit.engine.distributed import setup_distributed
+    from vitkit.errors import VitkitError
+
+    if not model_path:
+        raise VitkitError("no checkpoint to evaluate: pass --model PATH (or set model.pretrained / pretrained)")
+    context = setup_distributed(cfg.distributed, cfg.train.device)
+    try:
+        return _evaluate_checkpoint(cfg, model_path, context)
+    finally:
+        context.close()
+
+
+def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str]:
     from vitkit.data.folder import ImageFolderDataset, list_image_folder
     from vitkit.data.loader import ShardSampler, build_loader, usable_workers
     from vitkit.data.transforms import eval_transform
     from vitkit.engine.build import pick_device
-    from vitkit.errors import VitkitError
     from vitkit.model.loading import load_model
 
-    if not model_path:
-        raise VitkitError("no checkpoint to evaluate: pass --model PATH (or set model.pretrained / pretrained)")
     model_path = newest_weights(model_path)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, context.local_rank)
     overrides = {"image_size": cfg.eval.image_size}
     if cfg.model.num_heads:
         overrides["num_heads"] = cfg.model.num_heads
@@ -93,6 +104,8 @@ def evaluate_checkpoint(cfg, model_path: str) -> tuple[EvalResult, str]:
     dataset = ImageFolderDataset(
         samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None)
     )
-    sampler = ShardSampler(len(samples), shuffle=False, pad=False)
-    loader = build_loader(dataset, sampler, cfg.eval.batch_size, usable_workers(cfg.eval.num_workers), drop_last=False)
+    # No padding: every image is read by exactly one rank, so the summed counts equal one process's.
+    sampler = ShardSampler(len(samples), rank=context.rank, world_size=context.world_size, shuffle=False, pad=False)
+    workers = usable_workers(cfg.eval.num_workers, context.local_world_size)
+    loader = build_loader(dataset, sampler, cfg.eval.batch_size, workers, drop_last=False)
     return evaluate(model, loader, device, cfg.train.precision), model_path

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vitkit.config import Config, config_to_dict, to_flat
@@ -36,8 +37,12 @@ class Progress:
     epoch: int = 0  # 0-based index of the epoch in progress
     step_in_epoch: int = 0  # optimizer steps already done in it
     global_step: int = 0
-    epoch_loss_sum: float = 0.0  # sum of the step losses so far in this epoch
-    epoch_failed: int = 0
+    epoch_loss_sum: float = 0.0  # sum over this epoch's steps so far of the step loss averaged over the ranks
+    epoch_failed: int = 0  # unreadable images so far in this epoch, all ranks together
+    # Samples one step consumes on all ranks together (batch_size x world size) and the samples consumed so far in
+    # this epoch: a checkpoint's position in these units converts to another world size's steps on resume.
+    step_samples: int = 0
+    epoch_samples: int = 0
     best_acc: float = -1.0
     best_stem: str = ""
     fps_history: list = dataclasses.field(default_factory=list)
@@ -46,7 +51,7 @@ class Progress:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.dist: DistContext = setup_distributed(cfg.distributed)
+        self.dist: DistContext = setup_distributed(cfg.distributed, cfg.train.device)
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.is_main = self.dist.rank == 0
@@ -153,7 +158,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "progress": dataclasses.asdict(self.progress),
+            "progress": dataclasses.asdict(dataclasses.replace(
+                self.progress, step_samples=self._step_samples(),
+                epoch_samples=self.progress.step_in_epoch * self._step_samples())),
             "rng": rng,
             "config": config_to_dict(self.cfg),
         }
@@ -165,7 +172,8 @@ class Trainer:
         state = self._state()
         if self.progress.step_in_epoch == self.steps_per_epoch:
             # At an epoch's end the position is the start of the next one; the name keeps the original's `-{e}_{steps}`.
-            state["progress"].update(epoch=self.progress.epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_failed=0)
+            state["progress"].update(epoch=self.progress.epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_failed=0,
+                                     epoch_samples=0)
         ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model)
         ckpt.prune_checkpoints(self.output_dir, self.cfg.checkpoint.keep_checkpoint_max, protect=self.progress.best_stem)
 
@@ -176,24 +184,56 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.progress = Progress(**state["progress"])
+        self.progress = self._position_for_this_world(path, Progress(**state["progress"]))
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.log.info(f"resumed from {path} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}")
 
+    def _step_samples(self) -> int:
+        return self.cfg.data.batch_size * self.dist.world_size
+
+    def _position_for_this_world(self, path: Path, saved: Progress) -> Progress:
+        """The saved position in this run's steps. Ranks read interleaved positions of one permutation per epoch,
+        so after G samples of an epoch every world size has consumed the same first G positions: a run with S
+        samples a step continues at step G / S, exactly, when S divides G."""
+        step_samples = self._step_samples()
+        if not saved.step_samples or saved.step_samples == step_samples:
+            return dataclasses.replace(saved, step_samples=step_samples)  # same steps (or a checkpoint from before)
+        steps = saved.epoch_samples // step_samples
+        if saved.epoch_samples % step_samples or steps > self.steps_per_epoch:
+            raise VitkitError(
+                f"'{path}' stopped {saved.epoch_samples} samples into epoch {saved.epoch}, which is no whole number "
+                f"of this run's steps of {step_samples} samples ({self.dist.world_size} processes x batch_size "
+                f"{self.cfg.data.batch_size}): resume with the world size and batch_size that wrote it "
+                f"({saved.step_samples} samples a step), or from a checkpoint written at an epoch's end"
+            )
+        # The schedule is rebuilt for this run's steps per epoch: restart it at the same fraction of training.
+        global_step = saved.epoch * self.steps_per_epoch + steps
+        self.scheduler.load_state_dict({"steps_done": global_step})
+        # The epoch's loss so far is a sum of per-step means: keep its mean over the converted step count.
+        loss_sum = saved.epoch_loss_sum * steps / saved.step_in_epoch if saved.step_in_epoch else 0.0
+        return dataclasses.replace(saved, step_in_epoch=steps, global_step=global_step, epoch_loss_sum=loss_sum,
+                                   step_samples=step_samples)
+
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        empty = images.shape[0] == 0
+        if empty:
+            # Every image of this rank's batch was unreadable, but the other ranks' backward waits for this rank's
+            # gradients: a zero loss over one blank image joins the all-reduce with zero gradients.
+            size = self.cfg.model.image_size
+            images = torch.zeros((1, 3, size, size), dtype=torch.uint8)
         images = normalize_batch(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
-        if self.mixer.enabled:
+        if self.mixer.enabled and not empty:
             self.mix_generator.manual_seed(_mix_seed(self.cfg.train.seed, self.progress.global_step))
             images, targets = self.mixer(images, labels)
         else:
             targets = labels
         with autocast_context(self.cfg.train.precision, self.device):
             logits = self.train_model(images)
-        loss = self.criterion(logits.float(), targets)
+        loss = logits.float().sum() * 0.0 if empty else self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optimizer.gc_flag:
@@ -219,6 +259,7 @@ class Trainer:
         self.train_sampler.skip(progress.step_in_epoch * batch)
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        failed_sum = 0
         started = time.perf_counter()
         steps_total = self.steps_per_epoch
         bar = self._progress_bar(steps_total - progress.step_in_epoch)
@@ -226,26 +267,38 @@ class Trainer:
         for images, labels, _, failed in self.train_loader:
             if progress.step_in_epoch >= steps_total:
                 break
-            if images.shape[0]:
+            if images.shape[0] or self.dist.world_size > 1:
                 loss_sum += self._train_step(images, labels)
             else:
                 self.scheduler.step()  # every image of the batch was unreadable: keep the schedule on its steps
             progress.step_in_epoch += 1
             progress.global_step += 1
-            progress.epoch_failed += failed
+            failed_sum += failed
             if bar is not None:
                 bar.update(1)
             if profiler is not None:
                 profiler.step()
             if save_every and progress.global_step % save_every == 0 and progress.step_in_epoch < steps_total:
-                progress.epoch_loss_sum += loss_sum.item()
+                self._add_to_epoch_totals(loss_sum, failed_sum)
                 loss_sum.zero_()
+                failed_sum = 0
                 self._save()
         if bar is not None:
             bar.close()
-        progress.epoch_loss_sum += loss_sum.item()
+        self._add_to_epoch_totals(loss_sum, failed_sum)
         elapsed = time.perf_counter() - started
         return progress.epoch_loss_sum / max(progress.step_in_epoch, 1), elapsed
+
+    def _add_to_epoch_totals(self, loss_sum: torch.Tensor, failed: int) -> None:
+        """Adds the step losses since the last call, averaged over the ranks, and the unreadable images, summed over
+        them. Every rank calls it at the same steps (checkpoint saves and epoch ends), so this is one all-reduce
+        there rather than a host sync every step, and rank 0 saves the same totals every rank holds."""
+        sums = torch.stack([loss_sum, torch.tensor(float(failed), dtype=torch.float64, device=self.device)])
+        if self.dist.world_size > 1:
+            dist.all_reduce(sums)
+        loss_total, failed_total = sums.tolist()
+        self.progress.epoch_loss_sum += loss_total / self.dist.world_size
+        self.progress.epoch_failed += round(failed_total)
 
     def _progress_bar(self, total: int):
         import sys
@@ -259,9 +312,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, progress = self.cfg, self.progress
-        if self.is_main:
-            self.log.args(to_flat(cfg))
-            self.log.info("compile time used=0.00s")
+        # Every rank logs to its own file (RunLog prints rank 0's alone and keeps rank 0's metrics alone), so each
+        # rank's file shows its own epoch times.
+        self.log.args(to_flat(cfg))
+        self.log.info("compile time used=0.00s")
         run_started = time.perf_counter()
         profiler = self._start_profiler()
         while progress.epoch < cfg.schedule.max_epoch:
@@ -288,13 +342,12 @@ class Trainer:
                 if improved:
                     progress.best_acc = accuracy
                     progress.best_stem = ckpt.checkpoint_stem(cfg.model.name, epoch + 1, self.steps_per_epoch)
-            if self.is_main:
-                line = format_epoch_line(epoch, epoch_time, epoch_time / self.steps_per_epoch, mean_loss, lr, fps,
-                                         accuracy, eval_cost)
-                if progress.epoch_failed:
-                    line += f", skipped_images={progress.epoch_failed}"
-                self.log.info(line)
-                self.log.metrics(record)
+            line = format_epoch_line(epoch, epoch_time, epoch_time / self.steps_per_epoch, mean_loss, lr, fps,
+                                     accuracy, eval_cost)
+            if progress.epoch_failed:
+                line += f", skipped_images={progress.epoch_failed}"
+            self.log.info(line)
+            self.log.metrics(record)
             progress.step_in_epoch = self.steps_per_epoch
             # The best epoch is saved too, so that pruning can keep it.
             if (epoch + 1) % cfg.checkpoint.save_checkpoint_epochs == 0 or epoch + 1 == cfg.schedule.max_epoch or improved:
@@ -308,10 +361,9 @@ class Trainer:
     def _finish(self, training_time: float) -> dict:
         progress = self.progress
         mean_fps = sum(progress.fps_history) / len(progress.fps_history) if progress.fps_history else 0.0
-        if self.is_main:
-            self.log.info(f"training time used={training_time:.2f}s")
-            self.log.info(f"last_metric[{progress.best_acc}]")
-            self.log.info(f"ip[{host_ip()}], mean_fps[{mean_fps:.2f}]")
+        self.log.info(f"training time used={training_time:.2f}s")
+        self.log.info(f"last_metric[{progress.best_acc}]")
+        self.log.info(f"ip[{host_ip()}], mean_fps[{mean_fps:.2f}]")
         self.log.close()
         return {"best_acc": progress.best_acc, "mean_fps": mean_fps, "training_time": training_time,
                 "global_step": progress.global_step}

@@ -1,0 +1,28 @@
+# Shared by the run_*.sh scripts (sourced, not run): the Python to use and the torchrun options.
+# PYTHON overrides the interpreter; NNODES, NODE_RANK and RDZV_ENDPOINT (HOST:PORT) launch across machines.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+
+# One process per GPU when there are GPUs, else one.
+default_nproc() { "$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)'; }
+
+# torchrun's rendezvous: on one machine a private one (--standalone); across machines every node names the same
+# endpoint, on the machine of node 0, and its own NODE_RANK.
+torchrun_args() {
+  local nproc="$1" nnodes="${NNODES:-1}"
+  if (( nnodes > 1 )); then
+    if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
+      echo "NNODES=$nnodes needs RDZV_ENDPOINT=HOST:PORT (node 0's address) and NODE_RANK on every machine" >&2
+      exit 2
+    fi
+    TORCHRUN_ARGS=(--nnodes="$nnodes" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$nproc"
+                   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT")
+  else
+    TORCHRUN_ARGS=(--standalone --nproc_per_node="$nproc")
+  fi
+}

@@ -1,0 +1,204 @@
+"""Data-parallel training and evaluation under torchrun: real processes, gloo on CPU, the tiny model.
+
+The runs are shared by the tests through module fixtures, because each torchrun launch costs seconds of start-up.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from conftest import TINY_MODEL, tiny_config, write_image_folder
+from vitkit.cli import main
+from vitkit.engine.trainer import Trainer
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="this torch build has no gloo backend")
+
+LAUNCH_TIMEOUT_S = 300
+# Weights compared across world sizes: only the order of float sums differs (DDP averages two half-batch gradients).
+WEIGHT_TOLERANCE = 1e-6
+
+
+def train_args(data, out, *extra):
+    """tiny_config's settings as command-line flags, with everything random but the data order switched off
+    (dropout, stochastic depth, mixup, autoaugment), so that runs on different world sizes can agree."""
+    return [
+        *TINY_MODEL,
+        f"--dataset_path={data / 'train'}", f"--eval_path={data / 'val'}", f"--save_checkpoint_path={out}",
+        "--class_num=3", "--eval_batch_size=4", "--train_num_workers=0", "--eval_num_workers=0",
+        "--max_epoch=2", "--warmup_epochs=1", "--lr_max=0.001", "--save_checkpoint_epochs=1", "--autoaugment=0",
+        "--mixup=0", "--model.drop_rate=0", "--model.proj_drop_rate=0", "--model.mlp_drop_rate=0",
+        "--model.drop_path_rate=0", "--logging.progress=plain", "--distributed.timeout_s=60", *extra,
+    ]
+
+
+def torchrun(nproc: int, *vitkit_args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+               "-m", "vitkit", *vitkit_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
+
+
+def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def weights(folder, stem):
+    return load_file(folder / f"{stem}.safetensors")
+
+
+def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The attention's key bias has a gradient of exactly zero in exact arithmetic (it adds the same amount to all
+    of a query's scores, which softmax ignores), so what it gets is float round-off, different for every world
+    size, and AdamW turns even round-off into steps of about lr. The query and value biases stay compared."""
+    if not name.endswith("attn.qkv.bias"):
+        return tensor
+    width = tensor.shape[0] // 3
+    return torch.cat([tensor[:width], tensor[2 * width:]])
+
+
+def max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((without_key_bias(key, first[key]) - without_key_bias(key, second[key])).abs().max().item()
+               for key in first)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist") / "data"
+    write_image_folder(root / "train", {"ant": 12, "bee": 12, "cat": 12}, seed=1)  # 36 images
+    write_image_folder(root / "val", {"ant": 4, "bee": 3, "cat": 4}, seed=2)  # 11: no multiple of 2 x 4
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_process_run(data):
+    """2 processes with 4 images each per step: 36 images give 18 per rank, 4 steps per epoch."""
+    out = data.parent / "two"
+    result = check_ok(torchrun(2, "train", *train_args(data, out, "--batch_size=4")))
+    out.joinpath("console.txt").write_text(result.stdout)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data):
+    """1 process with 8 images per step: the same 4 steps, each over the same 8 images as the two ranks' step."""
+    out = data.parent / "one"
+    assert main(["train", *train_args(data, out, "--batch_size=8")]) == 0
+    return out
+
+
+def test_two_processes_end_with_the_weights_of_one_process_with_twice_the_batch(two_process_run, one_process_run):
+    two = weights(two_process_run, "vit_tiny_patch16-2_4")
+    one = weights(one_process_run, "vit_tiny_patch16-2_4")
+    assert max_difference(two, one) <= WEIGHT_TOLERANCE
+    # The logged loss is the mean over both ranks, so it is the one-process loss over the same images.
+    two_records = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
+    one_records = [json.loads(line) for line in (one_process_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in two_records] == [0, 1]
+    for two_record, one_record in zip(two_records, one_records):
+        assert two_record["loss"] == pytest.approx(one_record["loss"], rel=1e-5)
+        assert two_record["eval_images"] == 11 and two_record["accuracy"] == one_record["accuracy"]
+
+
+def test_rank_zero_alone_writes_checkpoints_and_the_console_and_every_rank_its_log(two_process_run):
+    assert (two_process_run / "console.txt").read_text().count(":INFO:epoch[") == 2  # rank 0's lines, once
+    assert sorted(p.name for p in two_process_run.glob("*.pt")) == ["vit_tiny_patch16-1_4.pt",
+                                                                    "vit_tiny_patch16-2_4.pt"]
+    for rank in (0, 1):
+        logs = list(two_process_run.glob(f"*_rank_{rank}.log"))
+        assert len(logs) == 1 and logs[0].read_text().count(":INFO:epoch[") == 2
+
+
+def test_distributed_eval_counts_every_image_once_like_one_process(data, two_process_run, capsys):
+    model = str(two_process_run / "vit_tiny_patch16-2_4.safetensors")
+    args = ["eval", "--model", model, "--data", str(data / "val"), "--eval_batch_size=4", "--eval_image_size=32",
+            "--eval_num_workers=0", "--json"]
+    capsys.readouterr()
+    assert main(args) == 0
+    single = json.loads(capsys.readouterr().out)
+    result = check_ok(torchrun(2, *args))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    distributed = json.loads(lines[0])
+    assert single["total"] == 11
+    for key in ("correct1", "correct5", "total", "failed"):
+        assert distributed[key] == single[key]
+
+
+def test_epoch_end_checkpoints_resume_on_another_world_size(data, two_process_run, one_process_run):
+    # Written by 2 processes, continued by 1 (batch 8), and the other way round (batch 4 per process): both end
+    # where the uninterrupted runs ended.
+    for source, nproc, batch, reference in ((two_process_run, 1, 8, one_process_run),
+                                            (one_process_run, 2, 4, two_process_run)):
+        out = data.parent / f"resumed_on_{nproc}"
+        out.mkdir()
+        shutil.copy(source / "vit_tiny_patch16-1_4.pt", out)
+        args = ["train", *train_args(data, out, f"--batch_size={batch}"), "--resume", "auto"]
+        if nproc == 1:
+            assert main(args) == 0
+        else:
+            check_ok(torchrun(nproc, *args))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records] == [1]
+        resumed = weights(out, "vit_tiny_patch16-2_4")
+        assert max_difference(resumed, weights(reference, "vit_tiny_patch16-2_4")) <= WEIGHT_TOLERANCE
+
+
+def test_mid_epoch_checkpoint_converts_to_another_step_size(data, tmp_path):
+    # 8 samples a step here, as 2 processes x 4 would be; the conversion works in samples, whatever their split.
+    out = tmp_path / "run"
+    assert main(["train", *train_args(data, out, "--batch_size=8", "--max_epoch=1",
+                                      "--checkpoint.save_checkpoint_steps=2")]) == 0
+    middle = out / "vit_tiny_patch16-1_2.pt"  # 16 samples into epoch 0
+    assert middle.is_file()
+    resumed = tmp_path / "resumed"
+    # Batch 4: 16 samples are 4 of its 9 steps, so 5 steps remain.
+    assert main(["train", *train_args(data, resumed, "--batch_size=4", "--max_epoch=1"), "--resume", str(middle)]) == 0
+    assert (resumed / "vit_tiny_patch16-1_9.pt").is_file()
+    state = torch.load(resumed / "vit_tiny_patch16-1_9.pt", weights_only=True)
+    assert state["progress"]["global_step"] == 9 and state["progress"]["epoch"] == 1
+
+
+def test_mid_epoch_checkpoint_that_splits_a_step_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *train_args(data, out, "--batch_size=8", "--max_epoch=1",
+                                      "--checkpoint.save_checkpoint_steps=1", "--keep_checkpoint_max=10")]) == 0
+    capsys.readouterr()
+    # 8 samples are no whole number of 3-sample steps.
+    args = ["train", *train_args(data, tmp_path / "resumed", "--batch_size=3", "--max_epoch=1"),
+            "--resume", str(out / "vit_tiny_patch16-1_1.pt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitkit: error: ") and err.count("\n") == 1
+    assert "world size and batch_size that wrote it" in err and "epoch's end" in err
+
+
+def test_an_error_on_one_rank_ends_the_job_with_its_message(data, two_process_run, tmp_path):
+    # Rank 0 refuses to overwrite another run's checkpoints; rank 1 is then left waiting in DDP's first broadcast,
+    # and torchrun must end it rather than hang.
+    out = tmp_path / "taken"
+    out.mkdir()
+    shutil.copy(two_process_run / "vit_tiny_patch16-1_4.pt", out)
+    started = time.perf_counter()
+    result = torchrun(2, "train", *train_args(data, out, "--batch_size=4"))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "vitkit: error: " in output and "already holds another run's checkpoints" in output
+    assert time.perf_counter() - started < LAUNCH_TIMEOUT_S
+
+
+def test_a_batch_of_only_unreadable_images_still_joins_the_gradient_all_reduce(data, tmp_path):
+    # Under DDP the other ranks' backward waits for this rank's gradients, so the step must run, with zero gradients.
+    trainer = Trainer(tiny_config(data, tmp_path / "run"))
+    loss = trainer._train_step(torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in trainer.model.parameters())
