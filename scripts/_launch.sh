@@ -26,3 +26,12 @@ torchrun_args() {
     TORCHRUN_ARGS=(--standalone --nproc_per_node="$nproc")
   fi
 }
+
+# Every script takes a config file first; without one it prints its usage (given as $1) and exits 2.
+require_config() {
+  local usage="$1"; shift
+  if [[ $# -lt 1 || ! -f "$1" ]]; then
+    echo "usage: $usage   (CONFIG: a YAML file)" >&2
+    exit 2
+  fi
+}

@@ -5,10 +5,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
 
-if [[ $# -lt 1 || ! -f "$1" ]]; then
-  echo "usage: bash $0 CONFIG [NPROC] [--model PATH] [--key=value ...]   (CONFIG: a YAML file)" >&2
-  exit 2
-fi
+require_config "bash $0 CONFIG [NPROC] [--model PATH] [--key=value ...]" "$@"
 config="$1"; shift
 if [[ $# -gt 0 ]] && is_count "$1"; then nproc="$1"; shift; else nproc=1; fi
 if (( nproc == 1 )) && (( ${NNODES:-1} == 1 )); then

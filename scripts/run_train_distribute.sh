@@ -6,10 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
 
-if [[ $# -lt 1 || ! -f "$1" ]]; then
-  echo "usage: bash $0 CONFIG [NPROC] [--key=value ...]   (CONFIG: a YAML file; NPROC: processes on this machine)" >&2
-  exit 2
-fi
+require_config "bash $0 CONFIG [NPROC] [--key=value ...]   (NPROC: processes on this machine)" "$@"
 config="$1"; shift
 if [[ $# -gt 0 ]] && is_count "$1"; then nproc="$1"; shift; else nproc="$(default_nproc)"; fi
 torchrun_args "$nproc"

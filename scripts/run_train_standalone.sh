@@ -5,9 +5,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
 
-if [[ $# -lt 1 || ! -f "$1" ]]; then
-  echo "usage: bash $0 CONFIG [--key=value ...]   (CONFIG: a YAML file)" >&2
-  exit 2
-fi
+require_config "bash $0 CONFIG [--key=value ...]" "$@"
 config="$1"; shift
 exec "$PYTHON" -m vitkit train --config_path "$config" "$@"
