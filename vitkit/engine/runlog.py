@@ -62,9 +62,6 @@ class RunLog:
     def info(self, message: str) -> None:
         self.logger.info(message)
 
-    def warning(self, message: str) -> None:
-        self.logger.warning(message)
-
     def args(self, flat_config: dict) -> None:
         """The original's `Args:` block: one `--> key: value` line per setting, then an empty line."""
         lines = ["Args:"] + [f"--> {key}: {value}" for key, value in flat_config.items()] + [""]
