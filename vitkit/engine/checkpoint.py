@@ -51,6 +51,16 @@ def prune_checkpoints(folder: Path, keep: int, protect: str = "") -> None:
                 path.unlink(missing_ok=True)
 
 
+def newest_weights(path: str) -> str:
+    """A training run's folder stands for the weights of its newest checkpoint; anything else is itself."""
+    if not Path(path).is_dir():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise VitkitError(f"'{path}' is a folder without vitkit checkpoints: pass a checkpoint file with --model")
+    return str(found[-1].with_suffix(WEIGHTS_SUFFIX))
+
+
 def load_training_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -6,8 +6,14 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from vitkit.data.transforms import normalize_batch
-from vitkit.engine.build import autocast_context
+from vitkit.data.folder import ImageFolderDataset, list_image_folder
+from vitkit.data.loader import ShardSampler, build_loader, usable_workers
+from vitkit.data.transforms import eval_transform, normalize_batch
+from vitkit.engine.build import autocast_context, pick_device
+from vitkit.engine.checkpoint import newest_weights
+from vitkit.engine.distributed import setup_distributed
+from vitkit.errors import VitkitError
+from vitkit.model.loading import load_model
 
 
 @dataclasses.dataclass
@@ -56,28 +62,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
     return EvalResult(correct1, correct5, total, failed)
 
 
-def newest_weights(path: str) -> str:
-    """A training run's folder stands for the weights of its newest checkpoint; anything else is itself."""
-    from pathlib import Path
-
-    from vitkit.engine.checkpoint import WEIGHTS_SUFFIX, list_checkpoints
-    from vitkit.errors import VitkitError
-
-    if not Path(path).is_dir():
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise VitkitError(f"'{path}' is a folder without vitkit checkpoints: pass a checkpoint file with --model")
-    return str(found[-1].with_suffix(WEIGHTS_SUFFIX))
-
-
 def evaluate_checkpoint(cfg, model_path: str) -> tuple[EvalResult, str]:
     """`vitkit eval`: a checkpoint of any format load_model reads, over cfg.data.val_path at cfg.eval's size.
     A run folder stands for its newest checkpoint; the file evaluated is returned with the result.
     Under torchrun each rank reads its own share of the images and every rank returns the all-reduced counts."""
-    from vitkit.engine.distributed import setup_distributed
-    from vitkit.errors import VitkitError
-
     if not model_path:
         raise VitkitError("no checkpoint to evaluate: pass --model PATH (or set model.pretrained / pretrained)")
     context = setup_distributed(cfg.distributed, cfg.train.device)
@@ -88,12 +76,6 @@ def evaluate_checkpoint(cfg, model_path: str) -> tuple[EvalResult, str]:
 
 
 def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str]:
-    from vitkit.data.folder import ImageFolderDataset, list_image_folder
-    from vitkit.data.loader import ShardSampler, build_loader, usable_workers
-    from vitkit.data.transforms import eval_transform
-    from vitkit.engine.build import pick_device
-    from vitkit.model.loading import load_model
-
     model_path = newest_weights(model_path)
     device = pick_device(cfg.train.device, context.local_rank)
     overrides = {"image_size": cfg.eval.image_size}

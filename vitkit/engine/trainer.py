@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -301,8 +302,6 @@ class Trainer:
         self.progress.epoch_failed += round(failed_total)
 
     def _progress_bar(self, total: int):
-        import sys
-
         wanted = self.cfg.logging.progress
         if not self.is_main or wanted == "plain" or (wanted == "auto" and not sys.stderr.isatty()):
             return None
