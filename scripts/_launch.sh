@@ -11,8 +11,12 @@ is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 # One process per GPU when there are GPUs, else one.
 default_nproc() { "$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)'; }
 
+# Restarted processes must not share torchrun's store with the ones that died (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
 # torchrun's rendezvous: on one machine a private one (--standalone); across machines every node names the same
-# endpoint, on the machine of node 0, and its own NODE_RANK.
+# endpoint, on the machine of node 0, and its own NODE_RANK. MAX_RESTARTS restarts the job after a process dies;
+# the restarted processes continue from the newest checkpoint.
 torchrun_args() {
   local nproc="$1" nnodes="${NNODES:-1}"
   if (( nnodes > 1 )); then
@@ -21,9 +25,9 @@ torchrun_args() {
       exit 2
     fi
     TORCHRUN_ARGS=(--nnodes="$nnodes" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$nproc"
-                   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT")
+                   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --max-restarts="${MAX_RESTARTS:-0}")
   else
-    TORCHRUN_ARGS=(--standalone --nproc_per_node="$nproc")
+    TORCHRUN_ARGS=(--standalone --nproc_per_node="$nproc" --max-restarts="${MAX_RESTARTS:-0}")
   fi
 }
 

@@ -5,6 +5,7 @@ The runs are shared by the tests through module fixtures, because each torchrun 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -202,3 +203,95 @@ def test_a_batch_of_only_unreadable_images_still_joins_the_gradient_all_reduce(d
     loss = trainer._train_step(torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in trainer.model.parameters())
+
+
+# ---- FSDP2 ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fsdp_sharded_run(data):
+    """The two-process run under FSDP with sharded checkpoints. Eval batches of 5 give the ranks 6 and 5 of the 11
+    validation images, 2 batches and 1: the rank with fewer must still join every all-gather."""
+    out = data.parent / "fsdp"
+    check_ok(torchrun(2, "train", *train_args(data, out, "--batch_size=4", "--distributed.strategy=fsdp",
+                                              "--checkpoint.sharded=true", "--eval_batch_size=5")))
+    return out
+
+
+def test_fsdp_ends_with_the_weights_of_one_process_and_counts_every_eval_image(fsdp_sharded_run, one_process_run):
+    assert max_difference(weights(fsdp_sharded_run, "vit_tiny_patch16-2_4"),
+                          weights(one_process_run, "vit_tiny_patch16-2_4")) <= WEIGHT_TOLERANCE
+    fsdp_records = [json.loads(line) for line in (fsdp_sharded_run / "metrics.jsonl").read_text().splitlines()]
+    one_records = [json.loads(line) for line in (one_process_run / "metrics.jsonl").read_text().splitlines()]
+    for fsdp_record, one_record in zip(fsdp_records, one_records, strict=True):
+        assert fsdp_record["eval_images"] == 11 and fsdp_record["accuracy"] == one_record["accuracy"]
+        assert fsdp_record["loss"] == pytest.approx(one_record["loss"], rel=1e-5)
+
+
+def test_sharded_checkpoint_written_by_two_processes_resumes_on_one(data, fsdp_sharded_run, one_process_run):
+    stem = "vit_tiny_patch16-1_4"
+    state = torch.load(fsdp_sharded_run / f"{stem}.pt", weights_only=True)
+    assert "model" not in state and "optimizer" not in state and state["shards"] == f"{stem}.dcp"
+    out = data.parent / "sharded_resumed_on_1"
+    out.mkdir()
+    shutil.copy(fsdp_sharded_run / f"{stem}.pt", out)
+    shutil.copytree(fsdp_sharded_run / f"{stem}.dcp", out / f"{stem}.dcp")
+    assert main(["train", *train_args(data, out, "--batch_size=8", "--checkpoint.sharded=true"), "--resume", "auto"]) == 0
+    assert max_difference(weights(out, "vit_tiny_patch16-2_4"),
+                          weights(one_process_run, "vit_tiny_patch16-2_4")) <= WEIGHT_TOLERANCE
+    assert not list(out.glob(".*partial"))  # the temporary shard folders were all renamed into place
+
+
+def test_consolidated_checkpoint_of_one_process_resumes_under_fsdp_on_two(data, one_process_run, two_process_run):
+    out = data.parent / "fsdp_resumed_on_2"
+    out.mkdir()
+    shutil.copy(one_process_run / "vit_tiny_patch16-1_4.pt", out)
+    check_ok(torchrun(2, "train", *train_args(data, out, "--batch_size=4", "--distributed.strategy=fsdp"),
+                      "--resume", "auto"))
+    assert max_difference(weights(out, "vit_tiny_patch16-2_4"),
+                          weights(two_process_run, "vit_tiny_patch16-2_4")) <= WEIGHT_TOLERANCE
+    # FSDP gathered the full model and optimizer into rank 0's file: a plain single-process state.
+    state = torch.load(out / "vit_tiny_patch16-2_4.pt", weights_only=True)
+    plain = load_file(one_process_run / "vit_tiny_patch16-2_4.safetensors")
+    assert {name: tuple(t.shape) for name, t in state["model"].items()} == {n: tuple(t.shape) for n, t in plain.items()}
+    assert state["optimizer"]["state"]["blocks.0.attn.qkv.weight"]["exp_avg"].shape == plain["blocks.0.attn.qkv.weight"].shape
+
+
+# ---- elastic restart ----------------------------------------------------------------------------------------------
+def _worker_pids(launcher_pid: int) -> list[int]:
+    """The processes torchrun started (its children), found through /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == launcher_pid:
+                children.append(int(entry))
+    return sorted(children)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_killed_rank_restarts_under_max_restarts_and_resumes_from_the_newest_checkpoint(data, tmp_path):
+    out = tmp_path / "elastic"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               "--max-restarts=1", "-m", "vitkit", "train",
+               *train_args(data, out, "--batch_size=4", "--max_epoch=10")]  # no --resume: a restart implies it
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while not list(out.glob("*.pt")) and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.02)
+        workers = _worker_pids(launcher.pid)
+        assert len(workers) == 2, "torchrun's two workers should be running when the first checkpoint appears"
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    # Each start writes its own timestamped log: the restarted one continued from a checkpoint, not from scratch.
+    rank0_logs = [path.read_text() for path in sorted(out.glob("*_rank_0.log"))]
+    assert len(rank0_logs) == 2 and "resumed from" in rank0_logs[-1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["epoch"] == 9 and (out / "vit_tiny_patch16-10_4.pt").is_file()

@@ -184,6 +184,10 @@ class CheckpointConfig:
     keep_checkpoint_max: int = _option(3, "newest checkpoints kept", flat="keep_checkpoint_max", ge=1)
     output_dir: str = _option("./outputs", "checkpoints and logs", flat="save_checkpoint_path")
     overwrite: bool = _option(False, "allow writing into an output_dir that already holds checkpoints")
+    sharded: bool = _option(
+        False, "each rank writes its own shards (a torch.distributed.checkpoint folder) instead of rank 0 "
+        "gathering the full model and optimizer; resumes on any process count",
+    )
 
 
 @dataclass

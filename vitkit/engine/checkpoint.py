@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from vitkit.errors import VitkitError
 from vitkit.fileio import atomic_path
@@ -13,6 +22,9 @@ from vitkit.model.loading import save_model
 
 FULL_SUFFIX = ".pt"
 WEIGHTS_SUFFIX = ".safetensors"
+SHARDS_SUFFIX = ".dcp"  # a torch.distributed.checkpoint folder: each rank's shards of the model and optimizer
+# Full tensors on rank 0's CPU, nothing on the other ranks: one rank writes, no GPU holds a second copy.
+_FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def checkpoint_stem(backbone: str, epoch: int, step: int) -> str:
@@ -34,12 +46,73 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=_position)
 
 
-def save_training_checkpoint(folder: Path, stem: str, state: dict, model) -> Path:
-    """Write `stem.pt` (everything a resume needs) and `stem.safetensors` (weights only), each atomically."""
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def gather_full_state(model, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state as full CPU tensors keyed by parameter name, the same for one process, DDP and
+    FSDP, so a checkpoint resumes under any strategy. A collective: every rank calls it; rank 0 gets the tensors."""
+    return (get_model_state_dict(model, options=_FULL_ON_RANK_ZERO),
+            get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK_ZERO))
+
+
+def gather_full_weights(model) -> dict:
+    return get_model_state_dict(model, options=_FULL_ON_RANK_ZERO)
+
+
+def restore_full_state(model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load gathered state into a model of any strategy; FSDP keeps only its own shard of each tensor."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if any(isinstance(key, int) for key in optimizer_state.get("state", {})):
+        optimizer.load_state_dict(optimizer_state)  # keyed by parameter index: written before vitkit 0.2
+    else:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def save_shards(folder: Path, stem: str, model, optimizer) -> str:
+    """Every rank writes its own shards into `stem.dcp/` (a collective). Written under a temporary name and renamed
+    by rank 0 once all ranks are done, so a killed run never leaves a half-written folder under the final name."""
+    import torch.distributed.checkpoint as dcp
+
+    final, partial = folder / f"{stem}{SHARDS_SUFFIX}", folder / f".{stem}{SHARDS_SUFFIX}.partial"
+    is_main = not _distributed() or dist.get_rank() == 0
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    if _distributed():
+        dist.barrier()
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=partial)
+    if _distributed():
+        dist.barrier()
+    if is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    return final.name
+
+
+def load_shards(folder: Path, name: str, model, optimizer) -> None:
+    """Read `name` (a .dcp folder) into this run's model and optimizer, re-sharded for its process count."""
+    import torch.distributed.checkpoint as dcp
+
+    path = folder / name
+    if not path.is_dir():
+        raise VitkitError(f"the sharded state '{path}' of this checkpoint is missing: resume from another checkpoint")
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def save_training_checkpoint(folder: Path, stem: str, state: dict, model, weights: dict) -> Path:
+    """Write `stem.safetensors` (the full weights) and then `stem.pt` (everything else a resume needs, plus the model
+    and optimizer unless they are in a `stem.dcp` folder), each atomically. The .pt comes last: a checkpoint is only
+    listed once every file it names is complete."""
+    save_model(model, folder / f"{stem}{WEIGHTS_SUFFIX}", class_names=state.get("class_names"), state_dict=weights)
     full = folder / f"{stem}{FULL_SUFFIX}"
     with atomic_path(full) as tmp:
         torch.save(state, tmp)
-    save_model(model, folder / f"{stem}{WEIGHTS_SUFFIX}", class_names=state.get("class_names"))
     return full
 
 
@@ -47,8 +120,9 @@ def prune_checkpoints(folder: Path, keep: int, protect: str = "") -> None:
     """Keep the `keep` newest checkpoints, and the one named `protect` (the best so far) whatever its age."""
     for old in list_checkpoints(folder)[:-keep]:
         if old.stem != protect:
-            for path in (old, old.with_suffix(WEIGHTS_SUFFIX)):
-                path.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)  # first, so that a checkpoint is never listed without its other files
+            old.with_suffix(WEIGHTS_SUFFIX).unlink(missing_ok=True)
+            shutil.rmtree(old.with_suffix(SHARDS_SUFFIX), ignore_errors=True)
 
 
 def newest_weights(path: str) -> str:

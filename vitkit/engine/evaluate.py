@@ -36,16 +36,33 @@ class EvalResult:
                 "total": self.total, "failed": self.failed}
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _most_batches(batches: int, device: torch.device) -> int:
+    count = torch.tensor([batches], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32") -> EvalResult:
     was_training = model.training
     model.eval()
     hits_sum = torch.zeros(2, dtype=torch.int64, device=device)  # top-1 and top-5 hits, summed without a host sync
     total = failed_total = 0
+    # An FSDP forward gathers each block from all ranks, so every rank must run as many forwards as the rank with
+    # the most batches: a rank out of images (or with a batch of only unreadable ones) runs a blank image and
+    # ignores the result. DDP and single models run their own batches alone.
+    blank_forwards = _most_batches(len(loader), device) if _is_sharded(model) else 0
     for images, labels, _, failed in loader:
         failed_total += failed
         if not images.shape[0]:
             continue
+        blank_forwards -= 1
         images = normalize_batch(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         with autocast_context(precision, device):
@@ -54,6 +71,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
         hits = ranked == labels[:, None]
         hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
         total += labels.shape[0]
+    for _ in range(max(blank_forwards, 0)):
+        size = model.arch.image_size
+        with autocast_context(precision, device):
+            model(torch.zeros((1, 3, size, size), device=device))
     counts = torch.cat([hits_sum, torch.tensor([total, failed_total], device=device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,9 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.is_main = self.dist.rank == 0
-        resume_path = ckpt.resolve_resume(cfg.train.resume, self.output_dir)
+        # torchrun --max-restarts starts the same command again after a process died: it continues the job.
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        resume_path = ckpt.resolve_resume(cfg.train.resume or ("auto" if restarted else ""), self.output_dir)
         resume_state = ckpt.load_training_checkpoint(resume_path) if resume_path is not None else None
         if resume_path is None and self.is_main:
             self._refuse_to_overwrite()
@@ -126,7 +129,8 @@ class Trainer:
             skipped = load_pretrained(self.model, cfg.model.pretrained)
             note = f" (left freshly initialised: {', '.join(skipped)})" if skipped else ""
             self.log.info(f"loaded pretrained weights from {cfg.model.pretrained}{note}")
-        self.train_model = wrap_model(self.model, self.dist, self.device, cfg.distributed.strategy)
+        self.train_model = wrap_model(self.model, self.dist, self.device, cfg.distributed.strategy,
+                                      cfg.train.precision)
         if cfg.train.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -147,7 +151,15 @@ class Trainer:
                                            enabled=cfg.train.precision == "fp16")
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
+    def _state(self, stem: str) -> tuple[dict, dict]:
+        """The checkpoint's content and the full model weights. A collective: every rank calls it, and FSDP's
+        shards are gathered to rank 0 (consolidated) or written by each rank into `stem.dcp` (sharded)."""
+        if self.cfg.checkpoint.sharded:
+            tensors = {"shards": ckpt.save_shards(self.output_dir, stem, self.model, self.optimizer)}
+            weights = ckpt.gather_full_weights(self.model)
+        else:
+            weights, optimizer_state = ckpt.gather_full_state(self.model, self.optimizer)
+            tensors = {"model": weights, "optimizer": optimizer_state}
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -155,8 +167,7 @@ class Trainer:
             "format": "vitkit-train",
             "arch": ckpt.arch_dict(self.model),
             "class_names": self.class_names,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **tensors,
             "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "progress": dataclasses.asdict(dataclasses.replace(
@@ -164,25 +175,30 @@ class Trainer:
                 epoch_samples=self.progress.step_in_epoch * self._step_samples())),
             "rng": rng,
             "config": config_to_dict(self.cfg),
-        }
+        }, weights
 
     def _save(self) -> None:
-        if not (self.is_main and self.cfg.checkpoint.save_checkpoint):
+        """Every rank calls it at the same steps; rank 0 alone writes files (besides FSDP's own shards)."""
+        if not self.cfg.checkpoint.save_checkpoint:
             return
         stem = ckpt.checkpoint_stem(self.cfg.model.name, self.progress.epoch + 1, self.progress.step_in_epoch)
-        state = self._state()
+        state, weights = self._state(stem)
+        if not self.is_main:
+            return
         if self.progress.step_in_epoch == self.steps_per_epoch:
             # At an epoch's end the position is the start of the next one; the name keeps the original's `-{e}_{steps}`.
             state["progress"].update(epoch=self.progress.epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_failed=0,
                                      epoch_samples=0)
-        ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model)
+        ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model, weights)
         ckpt.prune_checkpoints(self.output_dir, self.cfg.checkpoint.keep_checkpoint_max, protect=self.progress.best_stem)
 
     def _resume(self, path: Path, state: dict) -> None:
         if state["arch"] != ckpt.arch_dict(self.model):
             raise VitkitError(f"'{path}' was trained with another architecture: resume with the config it was made with")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "shards" in state:
+            ckpt.load_shards(path.parent, state["shards"], self.model, self.optimizer)
+        else:
+            ckpt.restore_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = self._position_for_this_world(path, Progress(**state["progress"]))

@@ -238,10 +238,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", componen
     return model.to(device).eval()
 
 
-def save_model(model: VisionTransformer, path: str | Path, class_names: list[str] | None = None) -> Path:
-    """Write the weights atomically: .safetensors (with the architecture as metadata), .pth/.pt, or MindSpore .ckpt."""
+def save_model(model: VisionTransformer, path: str | Path, class_names: list[str] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the weights atomically: .safetensors (with the architecture as metadata), .pth/.pt, or MindSpore .ckpt.
+    `state_dict` stands in for the model's own when that is sharded (FSDP): the gathered full weights."""
     path = Path(path)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in source.items()}
     arch = dataclasses.asdict(model.arch)
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     suffix = path.suffix.lower()
