@@ -194,7 +194,7 @@ def test_build_optimizer_groups_and_defaults_on_cpu():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
     assert [group["centralize"] for group in optimizer.param_groups] == [True, False]
-    assert not optimizer.param_groups[0]["fused"]
+    assert optimizer.param_groups[0]["fused"]  # the fused kernel on the CPU too: several times torch's default there
 
 
 @pytest.mark.parametrize(
