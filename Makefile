@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA := data/fashion-mnist
 DEMO_CONFIG := configs/fashion_mnist_vit.yml
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,13 @@ $(DEMO_DATA)/.complete: | setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Data-pipeline throughput against torchvision's standard pipeline on ImageNet-like JPEGs made from real photos.
+BENCH_JPEGS := data/bench-jpegs
+bench-data: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	test -f $(BENCH_JPEGS)/.complete || ($(PY) benchmarks/make_jpegs.py $(BENCH_JPEGS) && touch $(BENCH_JPEGS)/.complete)
+	$(PY) benchmarks/bench_data.py $(BENCH_JPEGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -482,3 +482,61 @@ def test_stem_that_is_not_rgb_patches_is_rejected():
     tensors["stem.patch_to_embedding.dense.weight"] = torch.ones(8, 50)
     with pytest.raises(VitkitError, match="stem weight"):
         mindspore_to_vitkit(tensors)
+
+
+# --- save_model / convert to .ckpt: back to MindSpore ---------------------------------------------------------------
+
+
+def test_loading_a_mindspore_file_and_saving_it_reproduces_its_bytes(fixtures, tmp_path):
+    import vitkit
+
+    model = vitkit.load_model(fixtures / INFERENCE, num_heads=4)
+    vitkit.save_model(model, tmp_path / "again.ckpt")
+    assert (tmp_path / "again.ckpt").read_bytes() == (fixtures / INFERENCE).read_bytes()
+
+
+def test_saved_ckpt_has_the_originals_tags_float32_and_mode_and_reads_back_bit_identical(tmp_path):
+    import vitkit
+
+    torch.manual_seed(0)
+    model = vitkit.create_model(
+        "vit_tiny_patch16", style="mindspore", patch_size=8, embed_dim=64, depth=3, num_heads=4, mlp_dim=128,
+        image_size=32, num_classes=6,
+    ).eval()
+    path = vitkit.save_model(model.to(torch.bfloat16), tmp_path / "model.ckpt")
+    tensors = read_mindspore_checkpoint(path)
+    assert list(tensors) == original_tags(3)
+    assert {tag: tuple(t.shape) for tag, t in tensors.items()} == expected_shapes(64, 3, 128, 8, 32, 6)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+    back = vitkit.load_model(path, num_heads=4)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor.float()), name
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(images), model.float()(images))
+
+
+def test_mean_pool_model_saves_without_class_token_like_the_originals_mean_variant(tmp_path):
+    import vitkit
+
+    model = vitkit.create_model("vit_tiny_patch16", style="mindspore", image_size=32, depth=1, pool="mean", class_token=False)
+    path = vitkit.save_model(model, tmp_path / "mean.ckpt")
+    assert "cls" not in read_mindspore_checkpoint(path)
+    back = vitkit.load_model(path, num_heads=3)
+    assert back.arch.pool == "mean" and not back.arch.class_token
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(images), model.eval()(images))
+
+
+def test_models_the_original_cannot_hold_are_refused_before_writing(tmp_path):
+    import vitkit
+
+    sincos = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=1, pos_embed="sincos")
+    with pytest.raises(VitkitError, match="sin-cos"):
+        vitkit.save_model(sincos, tmp_path / "sincos.ckpt")
+    pre_logits = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=1, representation_size=8)
+    with pytest.raises(VitkitError, match="no counterpart"):
+        vitkit.save_model(pre_logits, tmp_path / "pre_logits.ckpt")
+    assert list(tmp_path.iterdir()) == []

@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from vitkit.data.loader import check_seed, derive_seed
+from vitkit.data.transforms import pil_to_tensor
 from vitkit.errors import VitkitError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -93,12 +96,16 @@ def _reason(error: Exception) -> str:
     return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)
 
 
+class UnreadableImage(ValueError):
+    """Neither decoder could read the bytes; the message names both reasons."""
+
+
 def decode_rgb(data: np.ndarray) -> torch.Tensor:
     """Encoded image bytes (a uint8 array) to a uint8 (3, H, W) RGB tensor; grayscale and 16-bit images included.
 
     torchvision decodes JPEG, PNG, GIF and WebP; PIL takes the rest (BMP, TIFF, and WebP where torchvision was built
-    without it). EXIF orientation is not applied, like the original and torchvision's ImageFolder. Raises ValueError
-    naming both decoders' reasons when neither can read the data.
+    without it). EXIF orientation is not applied, like the original and torchvision's ImageFolder. Raises
+    UnreadableImage (a ValueError) naming both decoders' reasons when neither can read the data.
     """
     try:
         with warnings.catch_warnings():
@@ -112,8 +119,103 @@ def decode_rgb(data: np.ndarray) -> torch.Tensor:
             with Image.open(io.BytesIO(data)) as opened:
                 rgb = np.array(opened.convert("RGB"))
         except Exception as pil_error:  # noqa: BLE001 - reported together with torchvision's reason
-            raise ValueError(f"torchvision: {_reason(torchvision_error)}; PIL: {_reason(pil_error)}") from pil_error
+            raise UnreadableImage(f"torchvision: {_reason(torchvision_error)}; PIL: {_reason(pil_error)}") from pil_error
         return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+# libjpeg decodes straight to 1/2, 1/4 or 1/8 of the size by keeping only the low-frequency DCT coefficients.
+DCT_SCALES = (8, 4, 2)
+# Colour JPEGs (YCbCr) and grey ones; CMYK/YCCK are converted differently by PIL and torchvision, so they take the
+# plain path.
+REDUCIBLE_MODES = ("RGB", "L")
+
+
+def _jpeg_header(data: np.ndarray) -> Image.Image | None:
+    """The lazily opened JPEG (header read, pixels not decoded) when the reduced decode can serve it, else None."""
+    if data[:2].tobytes() != b"\xff\xd8":
+        return None
+    try:
+        image = Image.open(io.BytesIO(data.tobytes()), formats=["JPEG"])
+    except Exception:  # noqa: BLE001 - an unreadable header: the plain path reports it
+        return None
+    return image if image.mode in REDUCIBLE_MODES else None
+
+
+def _resize_geometry(stage: v2.RandomResizedCrop | v2.Resize, params: dict, width: int, height: int):
+    """(box in source pixels (left, top, right, bottom), output (height, width)) of a resizing first stage."""
+    if isinstance(stage, v2.RandomResizedCrop):
+        left, top = params["left"], params["top"]
+        return (left, top, left + params["width"], top + params["height"]), tuple(stage.size)
+    if len(stage.size) == 2:
+        return (0, 0, width, height), tuple(stage.size)
+    # torchvision's rule for one number: the shorter side to it, the longer one scaled and truncated.
+    short, long = sorted((height, width))
+    new_short, new_long = stage.size[0], int(stage.size[0] * long / short)
+    if stage.max_size is not None and new_long > stage.max_size:
+        new_short, new_long = int(stage.max_size * new_short / new_long), stage.max_size
+    return (0, 0, width, height), ((new_short, new_long) if height <= width else (new_long, new_short))
+
+
+def dct_scale(box: tuple[float, float, float, float], output_size: tuple[int, int]) -> int:
+    """The largest JPEG decode reduction that still leaves the box at least output_size: never upsampling what
+    the full decode would have downsampled, so detail down to the output's pixel pitch survives."""
+    box_width, box_height = box[2] - box[0], box[3] - box[1]
+    for scale in DCT_SCALES:
+        if box_width / scale >= output_size[1] and box_height / scale >= output_size[0]:
+            return scale
+    return 1
+
+
+def _decode_reduced(header: Image.Image, scale: int, box, output_size: tuple[int, int]) -> torch.Tensor | None:
+    """The box of the JPEG decoded at 1/scale and resized to output_size by PIL, or None if that fails."""
+    width, height = header.size
+    try:
+        header.draft(header.mode, (width // scale, height // scale))
+        # draft picks its own power of two from the requested size; read back which it took.
+        taken = next((s for s in (*DCT_SCALES, 1) if header.size == (-(-width // s), -(-height // s))), 1)
+        if taken == 1:
+            return None
+        resized = header.resize(
+            (output_size[1], output_size[0]),
+            Image.Resampling.BILINEAR,
+            box=tuple(coordinate / taken for coordinate in box),
+        )
+        return pil_to_tensor(resized)
+    except Exception:  # noqa: BLE001 - a damaged stream: the plain path decodes it or reports why it cannot
+        return None
+
+
+def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """transform(decode_rgb(data)), decoding JPEGs at 1/2, 1/4 or 1/8 of their size where the first stage allows.
+
+    When the transform is a Compose whose first stage is a bilinear, antialiased RandomResizedCrop or Resize, the
+    stage's parameters (the crop box) are drawn from the header's image size first, exactly as the stage would draw
+    them from the decoded image. If the box is at least 2x the output on both sides (dct_scale), the JPEG is decoded
+    at reduced size and the box resized by PIL from there, with the same box and output size; the later stages
+    (flip, policy, erasing) then run unchanged. Otherwise the image is decoded in full and the stage applied with the
+    parameters already drawn, which is exactly the plain path. Pixels of the reduced path differ from the plain
+    path's by the difference between libjpeg's DCT-domain downscale and a bilinear one (see tests/test_fast_decode.py).
+    """
+    stages = transform.transforms if isinstance(transform, v2.Compose) else []
+    first = stages[0] if stages else None
+    reducible = (
+        isinstance(first, (v2.RandomResizedCrop, v2.Resize))
+        and first.size is not None  # Resize(None, max_size=...) bounds the longer side only: left to torchvision
+        and first.interpolation == InterpolationMode.BILINEAR
+        and first.antialias
+    )
+    header = _jpeg_header(data) if reducible else None
+    if header is None:
+        return transform(decode_rgb(data))
+    params = first.make_params([header])
+    box, output_size = _resize_geometry(first, params, *header.size)
+    scale = dct_scale(box, output_size)
+    image = _decode_reduced(header, scale, box, output_size) if scale > 1 else None
+    if image is None:
+        image = first.transform(decode_rgb(data), params)
+    for stage in stages[1:]:
+        image = stage(image)
+    return image
 
 
 class ImageFolderDataset(Dataset):
@@ -159,20 +261,19 @@ class ImageFolderDataset(Dataset):
         path = self.path(index)
         label = int(self.labels[index])
         try:
-            image = decode_rgb(np.fromfile(path, dtype=np.uint8))
-        except (OSError, ValueError) as error:
+            data = np.fromfile(path, dtype=np.uint8)
+            image = decode_rgb(data) if self.transform is None else self._decode_transformed_seeded(data, index)
+        except (OSError, UnreadableImage) as error:
             warnings.warn(f"skipping unreadable image {path}: {error}")
             return None, label, index
-        if self.transform is not None:
-            image = self._transform_seeded(image, index)
         return image, label, index
 
-    def _transform_seeded(self, image: torch.Tensor, index: int) -> torch.Tensor:
+    def _decode_transformed_seeded(self, data: np.ndarray, index: int) -> torch.Tensor:
         generator = torch.default_generator
         saved = generator.get_state()
         # The CPU generator only: torch.manual_seed would also reseed every CUDA generator.
         generator.manual_seed(derive_seed(self.seed, self.epoch, index))
         try:
-            return self.transform(image)
+            return decode_transformed(data, self.transform)
         finally:
             generator.set_state(saved)

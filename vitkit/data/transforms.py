@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -75,15 +77,52 @@ class UInt8RandomErasing(v2.RandomErasing):
         return params
 
 
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 (3, H, W) tensor as an RGB PIL image.
+
+    Merging the three planes costs a fifth of transposing to (H, W, 3) first: torch's and numpy's transposing
+    copies of uint8 are slow, and PIL stores RGB interleaved anyway.
+    """
+    if image.permute(1, 2, 0).is_contiguous():
+        return Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB")
+    return Image.merge("RGB", [Image.fromarray(plane) for plane in image.contiguous().numpy()])
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a contiguous uint8 (3, H, W) tensor, split plane by plane for the same reason."""
+    return torch.from_numpy(np.stack([np.asarray(plane) for plane in image.convert("RGB").split()]))
+
+
+class OnPILImage(v2.Transform):
+    """Runs a torchvision transform on the PIL form of a uint8 (3, H, W) tensor and hands back such a tensor.
+
+    The augment policies are 2-5x faster on PIL images than on tensors at 224 px (PIL shears, rotates and equalizes
+    uint8 pixels in C; the tensor kernels go through float grids and per-channel histograms), which more than pays
+    for the two conversions. The policy draws the same random numbers whatever the input type, so the operations
+    and magnitudes chosen for a sample do not change, only each operation's rounding. The original ran its policy
+    on PIL images too.
+    """
+
+    def __init__(self, inner: v2.Transform):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return pil_to_tensor(self.inner(tensor_to_pil(image)))
+
+    def extra_repr(self) -> str:
+        return repr(self.inner)
+
+
 def augment_transform(augment: str, randaugment_ops: int, randaugment_magnitude: int) -> v2.Transform | None:
-    """The policy transform for an augment name, or None for 'none'."""
+    """The policy transform for an augment name (run on PIL images), or None for 'none'."""
     name = str(augment).lower()
     if name == "autoaugment":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=AUGMENT_FILL)
+        return OnPILImage(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, fill=AUGMENT_FILL))
     if name == "randaugment":
-        return v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, fill=AUGMENT_FILL)
+        return OnPILImage(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, fill=AUGMENT_FILL))
     if name == "trivialaugment":
-        return v2.TrivialAugmentWide(fill=AUGMENT_FILL)
+        return OnPILImage(v2.TrivialAugmentWide(fill=AUGMENT_FILL))
     if name == "none":
         return None
     raise VitkitError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
+from pathlib import Path
 
 import torch
 
 from vitkit.errors import VitkitError
-from vitkit.model.loading import load_state, read_weights
+from vitkit.engine.checkpoint import newest_weights
+from vitkit.model.formats.huggingface import is_huggingface_folder
+from vitkit.model.loading import load_state, read_weights, source_numerics
 from vitkit.model.vit import VisionTransformer, make_arch
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,18 +58,26 @@ def build_model(model_cfg, num_classes: int | None = None) -> VisionTransformer:
 
 
 def load_pretrained(model: VisionTransformer, path: str) -> list[str]:
-    """Non-strict start from any checkpoint load_model reads (the original's `pretrained`).
+    """Non-strict start from any checkpoint load_model reads, or a training run's folder (its newest weights).
 
     A head for another class count is left freshly initialised (transfer learning, as the original's
-    train_modelarts.py); position embeddings are resampled when the image size differs. Returns what was not loaded.
+    train_modelarts.py), and a pre-logits layer the model lacks is dropped (as the ViT paper fine-tuned);
+    position embeddings are resampled when the image size differs. Returns what was not loaded.
     """
-    state = dict(read_weights(path).state_dict)
+    if Path(path).is_dir() and not is_huggingface_folder(Path(path)):
+        path = newest_weights(path)
+    weights = read_weights(path)
+    _warn_on_other_numerics(model, weights, path)
+    state = dict(weights.state_dict)
     own = model.state_dict()
     skipped = []
     for name in ("head.weight", "head.bias"):
         if name in state and (name not in own or state[name].shape != own[name].shape):
             skipped.append(name)
             del state[name]
+    for name in [name for name in state if name.startswith("pre_logits.") and name not in own]:
+        skipped.append(name)
+        del state[name]
     skipped += [name for name in own if name not in state and name not in skipped]
     unexpected = [name for name in state if name not in own]
     if unexpected:
@@ -75,3 +87,16 @@ def load_pretrained(model: VisionTransformer, path: str) -> list[str]:
         )
     load_state(model, state, strict=False)
     return skipped
+
+
+def _warn_on_other_numerics(model: VisionTransformer, weights, path: str) -> None:
+    """Features trained with one LayerNorm eps or GELU form shift under another: say so, and which keys fix it."""
+    source = source_numerics(weights)
+    eps, gelu = source["ln_eps"], source["gelu"]
+    if (eps, gelu) != (model.arch.ln_eps, model.arch.gelu):
+        warnings.warn(
+            f"pretrained '{path}' was trained with LayerNorm eps {eps:g} and {gelu} GELU, but the model uses "
+            f"eps {model.arch.ln_eps:g} and {model.arch.gelu} GELU: set model.ln_eps={eps:g} and model.gelu={gelu} "
+            "to start from the same features",
+            stacklevel=3,
+        )

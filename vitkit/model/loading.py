@@ -30,7 +30,7 @@ class Weights:
     """A state_dict in vitkit's names plus what the file said about itself."""
 
     state_dict: dict[str, torch.Tensor]
-    source: str  # 'vitkit', 'timm' or 'mindspore'
+    source: str  # 'vitkit', 'timm', 'mindspore', 'npz', 'torchvision' or 'huggingface'
     arch: dict = dataclasses.field(default_factory=dict)  # architecture fields the file stores
     class_names: list[str] | None = None
     extras: dict = dataclasses.field(default_factory=dict)  # e.g. a MindSpore training checkpoint's Adam moments
@@ -57,7 +57,8 @@ def sniff_format(path: Path) -> str:
     if is_mindspore_checkpoint(path):
         return "mindspore"
     raise VitkitError(
-        f"'{path}' is not a checkpoint vitkit can read: expected safetensors, a PyTorch .pth/.pt, or a MindSpore .ckpt"
+        f"'{path}' is not a checkpoint vitkit can read: expected safetensors, a PyTorch .pth/.pt, a MindSpore .ckpt "
+        "or a Flax .npz"
     )
 
 
@@ -67,7 +68,7 @@ def read_weights(path: str | Path) -> Weights:
     if not path.exists():
         raise VitkitError(f"checkpoint '{path}' does not exist: check the path")
     if path.is_dir():
-        raise VitkitError(f"'{path}' is a folder: give the checkpoint file inside it")
+        return _read_huggingface_folder(path)
     try:
         kind = sniff_format(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -77,14 +78,58 @@ def read_weights(path: str | Path) -> Weights:
 
         state, extras = mindspore_to_vitkit(read_mindspore_checkpoint(path))
         return Weights(state, "mindspore", extras=extras)
+    if kind == "npz":
+        from vitkit.model.formats.npz import read_npz
+
+        state, arch = read_npz(path)
+        return Weights(state, "npz", arch)
     if kind == "safetensors":
         return _read_safetensors(path)
-    if kind == "torch":
-        return _read_torch(path)
-    raise VitkitError(f"'{path}' holds .npz arrays; the Flax/big_vision .npz layout is not supported yet")
+    return _read_torch(path)
 
 
-def _read_safetensors(path: Path) -> Weights:
+def _read_huggingface_folder(folder: Path) -> Weights:
+    from vitkit.model.formats.huggingface import read_config, weight_files
+
+    if not (folder / "config.json").is_file():
+        raise VitkitError(
+            f"'{folder}' is a folder: give the checkpoint file inside it, or a Hugging Face model folder (config.json "
+            "and model.safetensors or pytorch_model.bin)"
+        )
+    config = read_config(folder / "config.json")
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        if not file.is_file():
+            raise VitkitError(f"shard '{file}' named by the checkpoint index is missing: download the whole folder")
+        state.update(_safetensors_tensors(file)[0] if sniff_format(file) == "safetensors" else _torch_tensors(file)[0])
+    weights = _foreign_weights(state, folder, config)
+    if weights is None:
+        raise VitkitError(
+            f"'{folder}' holds no Hugging Face ViT (its tensors are e.g. {', '.join(list(state)[:3])}): "
+            "vitkit reads ViTModel and ViTForImageClassification folders"
+        )
+    return weights
+
+
+def _foreign_weights(state: dict[str, torch.Tensor], path: Path, hf_config: dict | None = None) -> Weights | None:
+    """torchvision's or Hugging Face's state_dicts in vitkit names with their source's numerics; None for others."""
+    from vitkit.model.formats.huggingface import huggingface_to_vitkit, is_huggingface_vit, read_config
+    from vitkit.model.formats.torchvision import is_torchvision_vit, torchvision_to_vitkit
+
+    if is_huggingface_vit(state):
+        # A weights file passed on its own still has its config.json beside it when it came from save_pretrained.
+        sibling = path.parent / "config.json" if path.is_file() else None
+        if hf_config is None and sibling is not None and sibling.is_file():
+            hf_config = read_config(sibling)
+        converted, arch, class_names = huggingface_to_vitkit(state, hf_config)
+        return Weights(converted, "huggingface", arch, class_names)
+    if is_torchvision_vit(state):
+        converted, arch = torchvision_to_vitkit(state)
+        return Weights(converted, "torchvision", arch)
+    return None
+
+
+def _safetensors_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -93,12 +138,21 @@ def _read_safetensors(path: Path) -> Weights:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise VitkitError(f"'{path}' is not a readable safetensors file ({exc}): the file may be truncated") from None
+    return state, metadata
+
+
+def _read_safetensors(path: Path) -> Weights:
+    state, metadata = _safetensors_tensors(path)
     arch = json.loads(metadata["vitkit.arch"]) if "vitkit.arch" in metadata else {}
     names = json.loads(metadata["vitkit.class_names"]) if "vitkit.class_names" in metadata else None
-    return Weights(_strip_prefixes(state), "vitkit" if arch else "timm", arch, names)
+    state = _strip_prefixes(state)
+    if not arch and (foreign := _foreign_weights(state, path)):
+        return foreign
+    return Weights(state, "vitkit" if arch else "timm", arch, names)
 
 
-def _read_torch(path: Path) -> Weights:
+def _torch_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a pickled state_dict (unwrapped from a training loop's dict) and the whole loaded dict."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -111,8 +165,6 @@ def _read_torch(path: Path) -> Weights:
         raise VitkitError(f"cannot read PyTorch checkpoint '{path}' ({str(exc).splitlines()[0]}): the file may be truncated") from None
     if not isinstance(loaded, dict):
         raise VitkitError(f"'{path}' holds a {type(loaded).__name__}, not a state_dict: save model.state_dict() instead")
-    arch = loaded.get("arch") if isinstance(loaded.get("arch"), dict) else {}
-    class_names = loaded.get("class_names")
     state = loaded
     for key in _STATE_KEYS:
         if isinstance(state.get(key), dict):
@@ -121,7 +173,16 @@ def _read_torch(path: Path) -> Weights:
     tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         raise VitkitError(f"'{path}' holds no tensors: expected a model state_dict")
-    return Weights(_strip_prefixes(tensors), "vitkit" if arch else "timm", dict(arch), class_names)
+    return tensors, loaded
+
+
+def _read_torch(path: Path) -> Weights:
+    tensors, loaded = _torch_tensors(path)
+    arch = loaded.get("arch") if isinstance(loaded.get("arch"), dict) else {}
+    state = _strip_prefixes(tensors)
+    if not arch and (foreign := _foreign_weights(state, path)):
+        return foreign
+    return Weights(state, "vitkit" if arch else "timm", dict(arch), loaded.get("class_names"))
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -165,7 +226,7 @@ def infer_arch(weights: Weights, **overrides) -> ViTArch:
         fields["image_size"] = grid * fields["patch_size"]
     else:
         fields["pos_embed"] = "sincos"
-    fields.update({key: value for key, value in STYLES[_style_of(weights.source)].items() if key in _NUMERIC_KEYS})
+    fields.update(source_numerics(weights))
     fields.update({key: value for key, value in weights.arch.items() if key in _ARCH_FIELDS})
     if "num_heads" not in weights.arch and "num_heads" not in overrides:
         fields["num_heads"] = _guess_heads(fields["embed_dim"], fields["depth"])
@@ -174,6 +235,13 @@ def infer_arch(weights: Weights, **overrides) -> ViTArch:
         raise VitkitError(f"unknown model argument(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(_ARCH_FIELDS))}")
     fields.update(overrides)
     return ViTArch(**fields)
+
+
+def source_numerics(weights: Weights) -> dict:
+    """The numerics (LayerNorm eps, GELU form, init) the weights were trained with: the file's word, else its source's."""
+    numerics = {key: value for key, value in STYLES[_style_of(weights.source)].items() if key in _NUMERIC_KEYS}
+    numerics.update({key: value for key, value in weights.arch.items() if key in _NUMERIC_KEYS})
+    return numerics
 
 
 def _style_of(source: str) -> str:
@@ -229,13 +297,51 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", componen
     The architecture comes from the tensors' shapes; what shapes cannot tell (the head count, numerics) from the
     file's metadata or, failing that, the source's conventions; any ViTArch field can be overridden, e.g.
     num_heads=4 or image_size=384 (position embeddings are resampled bicubically).
+
+    For fine-tuning, num_classes other than the file's gives a freshly initialised head (and no class names), and
+    representation_size=0 drops a pre-logits layer, as the ViT paper did when it fine-tuned.
     """
-    weights = read_weights(path)
+    return model_from_weights(read_weights(path), components=components, **overrides).to(device).eval()
+
+
+def model_from_weights(weights: Weights, *, components=None, **overrides) -> VisionTransformer:
+    """load_model's work on weights already read (see there); the model stays on the CPU in training mode."""
     arch = infer_arch(weights, **overrides)
-    model = VisionTransformer(arch, components=components)
-    load_state(model, weights.state_dict)
-    model.class_names = weights.class_names
-    return model.to(device).eval()
+    state = dict(weights.state_dict)
+    drop_pre_logits = not arch.representation_size and "pre_logits.fc.weight" in state and "representation_size" in overrides
+    file_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    # Without its pre-logits layer the file's head no longer fits: it is replaced too.
+    new_head = drop_pre_logits or ("num_classes" in overrides and file_classes != arch.num_classes)
+    dropped = ("pre_logits.",) * drop_pre_logits + ("head.",) * new_head
+    state = {name: tensor for name, tensor in state.items() if not name.startswith(dropped)}
+    # Built headless so that the strict load still checks every other tensor; the fresh head comes afterwards.
+    model = VisionTransformer(arch.replace(num_classes=0) if new_head else arch, components=components)
+    load_state(model, state)
+    if new_head:
+        model.reset_classifier(arch.num_classes)
+    model.class_names = None if new_head else weights.class_names
+    return model
+
+
+def _write_mindspore(arch: ViTArch, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The original's .ckpt: its tags, Float32 throughout (what its network holds), read-only."""
+    from vitkit.model.formats.mindspore import vitkit_to_mindspore, write_mindspore_checkpoint
+
+    if arch.pos_embed != "learn":
+        raise VitkitError(
+            f"cannot write '{path}': the model uses fixed sin-cos position embeddings, and MindSpore's ViT learns them; "
+            "save it as .safetensors instead"
+        )
+    tensors = vitkit_to_mindspore({name: t.float() if t.is_floating_point() else t for name, t in state.items()})
+    mindspore = STYLES["mindspore"]
+    if (arch.ln_eps, arch.gelu) != (mindspore["ln_eps"], mindspore["gelu"]):
+        warnings.warn(
+            f"'{path}' holds weights trained with LayerNorm eps {arch.ln_eps:g} and {arch.gelu} GELU; MindSpore's ViT "
+            f"runs them with eps {mindspore['ln_eps']:g} and {mindspore['gelu']} GELU (a .ckpt cannot record numerics), "
+            "so its logits will differ slightly: keep a .safetensors copy for exact predictions",
+            stacklevel=3,
+        )
+    write_mindspore_checkpoint(path, tensors)
 
 
 def save_model(model: VisionTransformer, path: str | Path, class_names: list[str] | None = None,
@@ -249,9 +355,7 @@ def save_model(model: VisionTransformer, path: str | Path, class_names: list[str
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     suffix = path.suffix.lower()
     if suffix == ".ckpt":
-        from vitkit.model.formats.mindspore import vitkit_to_mindspore, write_mindspore_checkpoint
-
-        write_mindspore_checkpoint(path, vitkit_to_mindspore(state))
+        _write_mindspore(model.arch, state, path)
         return path
     with atomic_path(path) as tmp:
         if suffix in (".pth", ".pt"):
