@@ -67,6 +67,7 @@ ORIGINAL_8P_FLAT = {
     # The export file's keys; their defaults are vitkit's, the export file's values are checked below.
     "file_name": "vit_base_patch32.onnx",
     "file_format": "ONNX",
+    "ckpt_file": "",
 }
 
 
@@ -155,9 +156,9 @@ def test_command_line_naming_an_export_key_is_an_export_document():
 @pytest.mark.parametrize(
     "path, keys",
     [
-        (TRAIN_STANDALONE, ["enable_modelarts", *[key for key in ORIGINAL_8P_FLAT if key not in ("file_name", "file_format")]]),
+        (TRAIN_STANDALONE, ["enable_modelarts", *[key for key in ORIGINAL_8P_FLAT if key not in ("file_name", "file_format", "ckpt_file")]]),
         (TRAIN_8P, ["enable_modelarts", "data_url", "train_url", "checkpoint_url", "output_path",
-                    *[key for key in ORIGINAL_8P_FLAT if key not in ("file_name", "file_format")]]),
+                    *[key for key in ORIGINAL_8P_FLAT if key not in ("file_name", "file_format", "ckpt_file")]]),
         (EVAL, ["enable_modelarts", "interpolation", "eval_path", "eval_image_size", "eval_batch_size", "eval_interval",
                 "eval_offset", "eval_num_workers", "pretrained", "backbone", "class_num", "vit_config_path", "open_profiler"]),
         (EXPORT, ["enable_modelarts", "device_target", "device_id", "data_url", "train_url", "checkpoint_url", "output_path",

@@ -101,6 +101,114 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_config(args: argparse.Namespace):
+    """The config when one was given (a file or any override), else None: the model's own metadata then decides."""
+    from vitkit.config import load_config
+
+    if args.config_path is None and not args.overrides:
+        return None
+    return load_config(args.config_path, args.overrides)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vitkit.config import load_config
+    from vitkit.deploy.export import export_checkpoint
+
+    extra = [f"--export.ckpt_file={args.model}"] if args.model else []
+    cfg = load_config(args.config_path, args.overrides + extra)
+    if cfg.export.int8 and cfg.export.file_format != "ONNX":
+        raise VitkitError("export.int8 quantizes ONNX models only: set file_format=ONNX or drop export.int8")
+    for note in cfg.notes:
+        print(f"note: {note}")
+    result = export_checkpoint(cfg)
+    shape = ", ".join(str(dim) for dim in result.input_shape)
+    batch = result.input_shape[0]
+    kind = f"ONNX opset {result.opset}" if result.file_format == "ONNX" else "torch.export program"
+    print(f"wrote {result.path} ({kind}): input 'images' float32 [{shape}], ImageNet-normalized RGB, NCHW; "
+          f"output 'logits' [{batch}, {result.num_classes}]")
+    if result.op_counts is not None:
+        ops = ", ".join(f"{name} {count}" for name, count in result.op_counts.most_common())
+        print(f"ONNX ops: {ops}")
+        print(f"attention: {result.attention_summary}")
+    checked = ", ".join("x".join(str(d) for d in shape) for shape in result.checked_inputs)
+    print(f"max |exported - pytorch| logit difference: {result.max_abs_diff:.3g} on {checked} (limit 1e-4)")
+    if cfg.export.int8:
+        _report_int8(result.path)
+    return 0
+
+
+def _report_int8(path) -> None:
+    from vitkit.deploy.quantize import logit_difference, quantize_int8
+
+    target = quantize_int8(path)
+    print(f"wrote {target} (int8 dynamic quantization of MatMul/Gemm): max logit difference to fp32 "
+          f"{logit_difference(path, target):.3g} on a random input; run vitkit infer with each for the accuracy change")
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.deploy.infer import infer_folder, resolve_preprocessing
+    from vitkit.deploy.onnx_runtime import OnnxModel
+
+    cfg = _deploy_config(args)
+    model = OnnxModel(args.model, threads=args.threads)
+    side = None if model.dynamic_size else model.image_size[0]
+    preprocessing = resolve_preprocessing(model.card.preprocessing, cfg, side)
+    batch_size = args.batch_size or model.batch_size or 32
+    workers = args.workers if args.workers is not None else (cfg.eval.num_workers if cfg else 1)
+    result = infer_folder(model, args.data, preprocessing, batch_size, workers, args.save_logits)
+    if args.json:
+        record = {"images": result.images, "skipped": result.skipped, "infer_seconds": round(result.seconds, 4)}
+        if result.accuracy is not None:
+            accuracy = result.accuracy
+            record.update(top1=accuracy.top1, top5=accuracy.top5, correct1=accuracy.correct1, correct5=accuracy.correct5)
+        print(json.dumps(record))
+        return 0
+    if result.accuracy is not None:
+        print(result.accuracy.line())
+    else:
+        print(f"Total data: {result.images} (a folder without class subfolders: no accuracy)")
+    print(result.latency_line())
+    if result.skipped:
+        print(f"skipped {result.skipped} unreadable image(s)")
+    if args.save_logits:
+        print(f"wrote {result.images} result files <image name>_0.bin to {args.save_logits}")
+    return 0
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from vitkit.deploy.postprocess import postprocess
+
+    print(postprocess(args.result_path, args.label_path).line())
+    return 0
+
+
+def _cmd_labels(args: argparse.Namespace) -> int:
+    from vitkit.deploy.labels import write_label_file
+
+    total = write_label_file(args.img_path, args.output)
+    print(f"[INFO] Completed! Total {total} data.")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from vitkit.deploy.predict import predict, read_class_names
+
+    names = read_class_names(args.labels) if args.labels else None
+    predictions = predict(args.model, args.images, _deploy_config(args), names)
+    if args.json:
+        print(json.dumps([prediction.as_dict() for prediction in predictions]))
+        return 0
+    for prediction in predictions:
+        print(prediction.image)
+        for index, name, probability in prediction.top:
+            print(f"  {probability:8.4f}  {name} ({index})")
+    return 0
+
+
 def _add_config_path(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config_path", "--config-path", "-c", dest="config_path", default=None,
                         help="a YAML config: the original's flat form or the nested one")
@@ -151,6 +259,52 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--num-heads", type=int, default=None, help="head count, when the file cannot say it")
     convert.add_argument("--image-size", type=int, default=None, help="resample position embeddings to this size")
     convert.set_defaults(run=_cmd_convert)
+
+    export = commands.add_parser(
+        "export", help="export a checkpoint to ONNX or torch.export (.pt2) and check it against PyTorch",
+        description="The original's export keys work as overrides: --pretrained/--ckpt_file, --batch_size, "
+        "--file_name, --file_format (ONNX or PT2); and --export.opset, --export.dynamic_batch, "
+        "--export.dynamic_image_size, --export.image_size, --export.int8 (see `vitkit config`).",
+    )
+    _add_config_path(export)
+    export.add_argument("--model", default=None, help="checkpoint or run folder to export (else ckpt_file / pretrained)")
+    export.set_defaults(run=_cmd_export, takes_overrides=True)
+
+    infer = commands.add_parser(
+        "infer", help="ONNX Runtime over an image folder: the original's top-1/top-5 and latency lines",
+        description="Preprocessing is the one the model was exported with, or the config's when --config_path "
+        "or an override (--eval.resize_size=28) is given.",
+    )
+    _add_config_path(infer)
+    infer.add_argument("--model", required=True, help="an .onnx file from vitkit export")
+    infer.add_argument("--data", required=True, help="image folder: class subfolders (gives accuracy) or plain images")
+    infer.add_argument("--batch-size", type=int, default=None, help="images per run (default: the model's, or 32)")
+    infer.add_argument("--workers", type=int, default=None, help="image decoding processes (default 1)")
+    infer.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: one per usable core)")
+    infer.add_argument("--save-logits", "--save_logits", dest="save_logits", default=None,
+                       help="folder for the original's per-image <name>_0.bin float32 logits")
+    infer.add_argument("--json", action="store_true", help="print one JSON object instead of the original's lines")
+    infer.set_defaults(run=_cmd_infer, takes_overrides=True)
+
+    post = commands.add_parser("postprocess", help="top-1/top-5 from <name>_0.bin result files and a label file")
+    post.add_argument("--result_path", "--result-path", dest="result_path", required=True, help="folder of _0.bin files")
+    post.add_argument("--label_path", "--label-path", dest="label_path", required=True,
+                      help="label JSON from `vitkit labels` ({file name: class index})")
+    post.add_argument("--dataset", default=None, help="ignored, as in the original")
+    post.set_defaults(run=_cmd_postprocess)
+
+    labels = commands.add_parser("labels", help="write the original's imagenet_label.json for an image folder")
+    labels.add_argument("--img_path", "--img-path", dest="img_path", required=True, help="folder of class subfolders")
+    labels.add_argument("--output", default="imagenet_label.json", help="where to write it (default: as the original)")
+    labels.set_defaults(run=_cmd_labels)
+
+    predict = commands.add_parser("predict", help="top-5 classes with probabilities for images")
+    _add_config_path(predict)
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--model", required=True, help="checkpoint, run folder, .onnx or .pt2")
+    predict.add_argument("--labels", default=None, help="class names, one per line (default: the model's own)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.set_defaults(run=_cmd_predict, takes_overrides=True)
     return parser
 
 

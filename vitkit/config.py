@@ -206,9 +206,20 @@ class ExportConfig:
         "ONNX", "ONNX or PT2 (torch.export); the original's MINDIR and AIR become ONNX", flat="file_format",
         choices=("ONNX", "PT2", "MINDIR", "AIR"),
     )
+    ckpt_file: str = _option(
+        "", "checkpoint to export (the original's later export key); '' = model.pretrained", flat="ckpt_file"
+    )
     batch_size: int = _option(1, "batch dimension of the exported input (flat batch_size in an export file)", ge=1)
-    opset: int = _option(17, "ONNX opset version")
+    image_size: int = _option(0, "side of the exported input in pixels; 0 = the checkpoint's own", ge=0)
+    opset: int = _option(
+        18, "ONNX opset; 23 and up turn attention into one ONNX Attention node (onnxruntime >= 1.23)", ge=18
+    )
     dynamic_batch: bool = _option(False, "let the exported model take any batch size")
+    dynamic_image_size: bool = _option(
+        False, "let the exported model take any image side that is a multiple of the patch (position embeddings "
+        "are resampled bicubically inside the graph)",
+    )
+    int8: bool = _option(False, "also write an int8 dynamically quantized ONNX copy, <name>.int8.onnx")
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""`vitkit predict`: top-5 classes with probabilities for single images, from a checkpoint, an .onnx or a .pt2."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitkit.data.folder import decode_rgb
+from vitkit.data.transforms import normalize_batch
+from vitkit.deploy.infer import resolve_preprocessing
+from vitkit.deploy.metadata import ModelCard, Preprocessing
+from vitkit.errors import VitkitError
+
+
+@dataclasses.dataclass
+class Prediction:
+    image: str
+    top: list[tuple[int, str, float]]  # (class index, class name, probability), most probable first
+
+    def as_dict(self) -> dict:
+        return {"image": self.image, "top5": [
+            {"index": index, "label": name, "probability": probability} for index, name, probability in self.top
+        ]}
+
+
+class _Classifier:
+    """Normalized float32 NCHW in, logits out; `side` is the input size it takes (None: any multiple of `patch`)."""
+
+    card: ModelCard
+    side: int | None
+    num_classes: int | None
+
+    def check(self, side: int) -> None:
+        """A VitkitError unless the model takes side x side images."""
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _OnnxClassifier(_Classifier):
+    def __init__(self, path: str):
+        from vitkit.deploy.onnx_runtime import OnnxModel
+
+        self.model = OnnxModel(path)
+        self.card = self.model.card
+        self.side = None if self.model.dynamic_size else self.model.image_size[0]
+        self.num_classes = self.model.num_classes
+
+    def check(self, side: int) -> None:
+        self.model.check_input_size(side)
+
+    def __call__(self, images):
+        return self.model(images)
+
+
+class _TorchClassifier(_Classifier):
+    """A checkpoint (built at the eval size, as `vitkit eval` does) or a torch.export program."""
+
+    def __init__(self, path: str, cfg):
+        from vitkit.deploy.export import PT2_CARD_FILE
+
+        if path.lower().endswith(".pt2"):
+            extra = {PT2_CARD_FILE: ""}
+            try:
+                self.module = torch.export.load(path, extra_files=extra).module()
+            except Exception as exc:  # noqa: BLE001 - torch.export raises many types for a bad archive
+                raise VitkitError(f"'{path}' is not a readable .pt2 program ({' '.join(str(exc).split())[:160]})") from None
+            self.card = ModelCard.from_json(extra[PT2_CARD_FILE])
+            self.side = None  # its guards check the size; the card's size is the one it was exported at
+            self.num_classes = None
+            return
+        from vitkit.engine.checkpoint import newest_weights
+        from vitkit.model.loading import load_model
+
+        overrides = {"image_size": cfg.eval.image_size} if cfg is not None else {}
+        if cfg is not None and cfg.model.num_heads:
+            overrides["num_heads"] = cfg.model.num_heads
+        model = load_model(newest_weights(path), **overrides)
+        self.module = model
+        self.side = model.arch.image_size
+        self.num_classes = model.arch.num_classes
+        self.card = ModelCard(Preprocessing(model.arch.image_size), tuple(model.class_names or ()) or None,
+                              model.arch.patch_size)
+
+    def check(self, side: int) -> None:
+        if self.side is not None and side != self.side:
+            raise VitkitError(f"the model takes {self.side}x{self.side} images, not {side}x{side}: set eval.image_size")
+
+    def __call__(self, images):
+        with torch.no_grad():
+            try:
+                return self.module(torch.from_numpy(images)).numpy()
+            except Exception as exc:  # noqa: BLE001 - a .pt2 program's shape guards fail with their own types
+                raise VitkitError(f"the model cannot run on input {tuple(images.shape)} ({' '.join(str(exc).split())[:160]})") from None
+
+
+def open_classifier(path: str | os.PathLike, cfg=None) -> _Classifier:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VitkitError(f"model '{path}' does not exist: give a checkpoint, a run folder, an .onnx or a .pt2 file")
+    if path.lower().endswith(".onnx"):
+        return _OnnxClassifier(path)
+    return _TorchClassifier(path, cfg)
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VitkitError(f"cannot read class names from {path} ({exc}): give a text file with one name per line") from None
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        raise VitkitError(f"{path} holds no class names: write one name per line, in class-index order")
+    return names
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    if not os.path.isfile(path):
+        raise VitkitError(f"image {path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
+    try:
+        return decode_rgb(np.fromfile(path, dtype=np.uint8))
+    except ValueError as exc:
+        raise VitkitError(f"{path} is not an image vitkit can read ({exc})") from None
+
+
+def predict(
+    model_path: str | os.PathLike, images: list[str], cfg=None, class_names: list[str] | None = None, top: int = 5,
+) -> list[Prediction]:
+    classifier = open_classifier(model_path, cfg)
+    card = classifier.card
+    preprocessing = resolve_preprocessing(card.preprocessing, cfg, classifier.side)
+    classifier.check(preprocessing.image_size)
+    names = class_names or (list(card.class_names) if card.class_names else None)
+    transform = preprocessing.transform()
+    batch = torch.stack([transform(load_image(path)) for path in images])
+    logits = classifier(normalize_batch(batch).numpy()).astype(np.float64)
+    if names is not None and len(names) < logits.shape[1]:
+        raise VitkitError(f"{len(names)} class names for {logits.shape[1]} classes: give one name per class")
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    results = []
+    for path, row in zip(images, probabilities):
+        order = np.argsort(-row, kind="stable")[: min(top, row.shape[0])]
+        results.append(Prediction(path, [
+            (int(i), names[i] if names else f"class {i}", float(row[i])) for i in order
+        ]))
+    return results
