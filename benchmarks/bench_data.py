@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,10 +30,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import PIL
 from PIL import features as pil_features
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -44,6 +41,9 @@ from vitkit.data.loader import build_loader
 from vitkit.data.transforms import CROP_RATIO, eval_resize_size, eval_transform, train_transform
 from vitkit.fileio import atomic_path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_report import machine as report_machine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 224
 CROP_MIN = 0.05
@@ -51,26 +51,8 @@ CASES = ("train", "train+autoaugment", "eval")
 
 
 def machine() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
-        "pillow_libjpeg_turbo": pil_features.check_feature("libjpeg_turbo"),
-        "cpu": _cpu_name(),
-        "cores": len(os.sched_getaffinity(0)),
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return {**report_machine(), "pillow_libjpeg_turbo": pil_features.check_feature("libjpeg_turbo"),
+            "load_average_at_start": os.getloadavg()}
 
 
 def torchvision_standard(case: str) -> v2.Compose:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,33 +36,11 @@ from vitkit.deploy.onnx_runtime import OnnxModel, cpu_threads  # noqa: E402
 from vitkit.deploy.quantize import quantize_int8  # noqa: E402
 from vitkit.model.vit import create_model  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmark_report import machine  # noqa: E402
+
 TIMM_NAMES = {"vit_tiny_patch16": "vit_tiny_patch16_224", "vit_base_patch32": "vit_base_patch32_224"}
 PEER = "timm eager"
-
-
-def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import timm
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnxscript": onnxscript.__version__}
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": cpu_threads(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "load_average_1min_at_start": os.getloadavg()[0]}
 
 
 def images_per_second(run, images, min_seconds: float) -> float:
@@ -117,8 +94,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(cpu_threads())
     started = time.perf_counter()
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-               "versions": versions(), "peer": PEER, "image_size": 224, "num_classes": 1000, "runs": []}
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "machine": {**machine(), "load_average_1min_at_start": os.getloadavg()[0]},
+               "peer": PEER, "image_size": 224, "num_classes": 1000, "runs": []}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

@@ -1,7 +1,6 @@
 """`vitkit postprocess`: top-1/top-5 from the per-image result files and the label file, as the original's postprocess.py."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -9,22 +8,10 @@ import numpy as np
 from vitkit.deploy.labels import read_label_file
 from vitkit.deploy.result_files import image_stem, list_results, read_result
 from vitkit.errors import VitkitError
+from vitkit.metrics import TopKCounts
 
 
-@dataclasses.dataclass
-class Accuracy:
-    correct1: int
-    correct5: int
-    total: int
-
-    @property
-    def top1(self) -> float:
-        return self.correct1 / self.total if self.total else 0.0
-
-    @property
-    def top5(self) -> float:
-        return self.correct5 / self.total if self.total else 0.0
-
+class Accuracy(TopKCounts):
     def line(self) -> str:
         """The original's summary line, to the character."""
         return f"Total data: {self.total}, top1 accuracy: {self.top1}, top5 accuracy: {self.top5}."

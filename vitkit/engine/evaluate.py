@@ -1,8 +1,6 @@
 """Exact top-1/top-5: every image counted once, counts summed on the device (and across ranks)."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.distributed as dist
 
@@ -13,27 +11,8 @@ from vitkit.engine.build import autocast_context, pick_device
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.engine.distributed import setup_distributed
 from vitkit.errors import VitkitError
+from vitkit.metrics import TopKCounts as EvalResult
 from vitkit.model.loading import load_model
-
-
-@dataclasses.dataclass
-class EvalResult:
-    correct1: int
-    correct5: int
-    total: int
-    failed: int  # unreadable images, skipped
-
-    @property
-    def top1(self) -> float:
-        return self.correct1 / self.total if self.total else 0.0
-
-    @property
-    def top5(self) -> float:
-        return self.correct5 / self.total if self.total else 0.0
-
-    def as_dict(self) -> dict:
-        return {"top1": self.top1, "top5": self.top5, "correct1": self.correct1, "correct5": self.correct5,
-                "total": self.total, "failed": self.failed}
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:

@@ -1,0 +1,51 @@
+"""What every benchmark records beside its numbers: the command, the machine, the library versions."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+_PACKAGES = ("torch", "torchvision", "timm", "pillow", "numpy", "onnx", "onnxruntime", "onnxscript")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "versions": {},
+    }
+    for package in _PACKAGES:
+        try:
+            info["versions"][package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_report(path: str | Path, report: dict) -> Path:
+    """The JSON beside the printed table, with the command line that produced it first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), **report}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
