@@ -124,7 +124,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     shape = ", ".join(str(dim) for dim in result.input_shape)
     batch = result.input_shape[0]
     kind = f"ONNX opset {result.opset}" if result.file_format == "ONNX" else "torch.export program"
-    print(f"wrote {result.path} ({kind}): input 'images' float32 [{shape}], ImageNet-normalized RGB, NCHW; "
+    print(f"wrote {result.path} ({kind}): input 'images' float32 [{shape}], {result.input_normalization} RGB, NCHW; "
           f"output 'logits' [{batch}, {result.num_classes}]")
     if result.op_counts is not None:
         ops = ", ".join(f"{name} {count}" for name, count in result.op_counts.most_common())

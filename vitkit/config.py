@@ -85,6 +85,10 @@ class DataConfig:
         flat="interpolation",
         choices=("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING", "AREA", "PILCUBIC", "ANTIALIAS"),
     )
+    normalization: str = _option(
+        "imagenet", "input mean/std: imagenet (the original's) or inception (mean and std 0.5, what Flax .npz and "
+        "Hugging Face ViT weights expect)", choices=("imagenet", "inception"),
+    )
     crop_min: float = _option(0.05, "smallest area fraction of a random resized crop", flat="crop_min", gt=0, le=1)
     random_crop: bool = _option(
         True, "random resized crop in training; false resizes the whole image (small centred images, e.g. 28 px)"

@@ -15,6 +15,14 @@ from vitkit.errors import VitkitError
 # ImageNet mean and std on the 0-255 scale, as the original's Normalize uses them.
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+# Mean and std 0.5 on the 0-255 scale (timm's IMAGENET_INCEPTION_MEAN/STD): what Flax .npz (ViT paper, AugReg,
+# big_vision) and Hugging Face ViT weights were trained on; the inputs land in [-1, 1].
+INCEPTION_MEAN_255 = (127.5, 127.5, 127.5)
+INCEPTION_STD_255 = (127.5, 127.5, 127.5)
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN_255, IMAGENET_STD_255),
+    "inception": (INCEPTION_MEAN_255, INCEPTION_STD_255),
+}
 
 # The original's ratio range: 1.333, not 4/3.
 CROP_RATIO = (0.75, 1.333)
@@ -60,19 +68,21 @@ class UInt8RandomErasing(v2.RandomErasing):
     torchvision's 'random' value draws N(0, 1) per pixel, which only makes sense after normalization (cast to uint8 it
     is nearly all 0 and 1). This draws the same noise and maps it to the pixel a normalized N(0, 1) value stands for,
     mean + std * z on the 0-255 scale, rounded and clipped to [0, 255] (about ±2.1 std): after the device-side
-    normalization the box looks like timm's and torchvision's random erasing, clipped at ±2.1 std. The box and the
-    noise come from torch's global generator, like every other random transform here.
+    normalization the box looks like timm's and torchvision's random erasing, clipped at ±2.1 std (±1 for the
+    inception normalization, whose std is half the range). The box and the noise come from torch's global
+    generator, like every other random transform here.
     """
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, normalization: str = "imagenet"):
         super().__init__(p=p, value="random")
+        self.mean_255, self.std_255 = normalization_stats(normalization)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         params = super().make_params(flat_inputs)
         noise = params["v"]
         if noise is not None:
-            mean = torch.tensor(IMAGENET_MEAN_255).view(-1, 1, 1)
-            std = torch.tensor(IMAGENET_STD_255).view(-1, 1, 1)
+            mean = torch.tensor(self.mean_255).view(-1, 1, 1)
+            std = torch.tensor(self.std_255).view(-1, 1, 1)
             params["v"] = (mean + std * noise).round_().clamp_(0, 255).to(torch.uint8)
         return params
 
@@ -137,13 +147,15 @@ def train_transform(
     randaugment_magnitude: int = 9,
     random_erasing: float = 0.0,
     random_crop: bool = True,
+    normalization: str = "imagenet",
 ) -> v2.Compose:
     """The training pipeline on a uint8 (3, H, W) image: random resized crop, horizontal flip, policy, erasing.
 
     As the original: crop area in [crop_min, 1] of the image and aspect ratio in [0.75, 1.333], flip with p 0.5,
     then the augment policy on the cropped image. All randomness comes from torch's global generator, which the
     dataset seeds per sample. Without `random_crop` the whole image is resized (a no-op at the right size), which
-    costs a quarter of the crop on 28 px images.
+    costs a quarter of the crop on 28 px images. `normalization` is the one the batch gets later: random erasing's
+    noise is drawn in its units.
     """
     if not 0.0 < crop_min <= 1.0:
         raise VitkitError(f"crop_min must be in (0, 1], got {crop_min}")
@@ -159,7 +171,7 @@ def train_transform(
     if policy is not None:
         stages.append(policy)
     if random_erasing > 0:
-        stages.append(UInt8RandomErasing(random_erasing))
+        stages.append(UInt8RandomErasing(random_erasing, normalization))
     return v2.Compose(stages)
 
 
@@ -178,19 +190,31 @@ def eval_transform(image_size: int, interpolation: str = "BILINEAR", resize_size
     ])
 
 
+def normalization_stats(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) on the 0-255 scale for a normalization name; unknown names are an error."""
+    stats = NORMALIZATIONS.get(str(normalization).lower())
+    if stats is None:
+        raise VitkitError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    return stats
+
+
 @functools.lru_cache(maxsize=None)
-def _normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalization_constants(device: torch.device, normalization: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Cached per device: building them each step would copy from the host, and such a copy waits for the device.
-    mean = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float32).view(-1, 1, 1).to(device)
-    std = torch.tensor(IMAGENET_STD_255, dtype=torch.float32).view(-1, 1, 1).to(device)
+    mean, std = normalization_stats(normalization)
+    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device)
+    std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device)
     return mean, std
 
 
-def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize_batch(
+    images: torch.Tensor, dtype: torch.dtype = torch.float32, normalization: str = "imagenet"
+) -> torch.Tensor:
     """(x - mean) / std per channel for uint8 (B, 3, H, W) or (3, H, W) images, on the images' device.
 
+    `normalization` picks mean and std: 'imagenet' (the original's) or 'inception' (0.5 and 0.5 on the 0-1 scale).
     The arithmetic is float32 whatever `dtype` is, so a bfloat16 result is rounded once, at the end.
     """
-    mean, std = _normalization_constants(images.device)
+    mean, std = _normalization_constants(images.device, normalization)
     # Out of place first: uint8 minus float32 promotes to a new float32 tensor and the caller's batch stays intact.
     return torch.sub(images, mean).div_(std).to(dtype)

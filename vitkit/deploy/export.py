@@ -1,9 +1,10 @@
 """`vitkit export`: a checkpoint to ONNX (torch.onnx's dynamo exporter) or a torch.export .pt2, checked after writing.
 
-The exported graph takes float32 (batch, 3, H, W) images already normalized with the ImageNet mean/std on the
-0-255 scale (what the original fed its MINDIR) and returns logits. Before the file is moved into place it is run
-(ONNX Runtime, or the .pt2 program) beside the PyTorch model on the same random input; a largest logit
-difference above TOLERANCE is an error and leaves no file behind.
+The exported graph takes float32 (batch, 3, H, W) images already normalized on the 0-255 scale with the ImageNet
+mean/std (what the original fed its MINDIR) or, with data.normalization=inception, mean/std 0.5, and returns logits;
+the file's metadata records which. Before the file is moved into place it is run (ONNX Runtime, or the .pt2
+program) beside the PyTorch model on the same random input; a largest logit difference above TOLERANCE is an error
+and leaves no file behind.
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.deploy.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelCard, Preprocessing
+from vitkit.deploy.metadata import (
+    INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelCard, Preprocessing, normalization_name,
+)
+from vitkit.engine.build import warn_on_other_normalization
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.errors import VitkitError
 from vitkit.fileio import atomic_path
-from vitkit.model.loading import load_model
+from vitkit.model.loading import model_from_weights, read_weights
 from vitkit.model.vit import VisionTransformer
 
 TOLERANCE = 1e-4
@@ -45,6 +49,14 @@ class ExportResult:
     checked_inputs: list[tuple[int, ...]]
     op_counts: collections.Counter | None = None  # ONNX only
     opset: int | None = None
+    normalization: str = "imagenet"  # data.normalization the input expects
+
+    @property
+    def input_normalization(self) -> str:
+        """How the input is normalized, for the export's log line: 'ImageNet-normalized' as before the choice."""
+        if self.normalization == "imagenet":
+            return "ImageNet-normalized"
+        return f"{self.normalization}-normalized ({normalization_name(self.normalization)})"
 
     @property
     def attention_summary(self) -> str:
@@ -96,9 +108,12 @@ def export_checkpoint(cfg) -> ExportResult:
         overrides["image_size"] = export.image_size
     if cfg.model.num_heads:
         overrides["num_heads"] = cfg.model.num_heads
-    model = load_model(newest_weights(checkpoint), **overrides)
+    checkpoint = newest_weights(checkpoint)
+    weights = read_weights(checkpoint)
+    warn_on_other_normalization(weights.source, cfg.data.normalization, checkpoint, stacklevel=2)
+    model = model_from_weights(weights, **overrides).eval()
     card = ModelCard(
-        Preprocessing(model.arch.image_size, cfg.eval.resize_size, cfg.data.interpolation),
+        Preprocessing(model.arch.image_size, cfg.eval.resize_size, cfg.data.interpolation, cfg.data.normalization),
         tuple(model.class_names) if model.class_names else None,
         model.arch.patch_size,
     )
@@ -149,8 +164,9 @@ def export_model(
         "batch" if dynamic_batch else batch_size, arch.in_chans,
         "height" if dynamic_image_size else arch.image_size, "width" if dynamic_image_size else arch.image_size,
     )
+    normalization = card.preprocessing.normalization if card.preprocessing else "imagenet"
     return ExportResult(path, file_format, shape, arch.num_classes, diff, [tuple(c.shape) for c in checks], op_counts,
-                        opset if file_format == "ONNX" else None)
+                        opset if file_format == "ONNX" else None, normalization)
 
 
 def _dynamic_shapes(patch: int, dynamic_batch: bool, dynamic_image_size: bool):

@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 
 from vitkit.data.folder import ImageFolderDataset, list_flat_folder, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
-from vitkit.data.transforms import normalize_batch
-from vitkit.deploy.metadata import Preprocessing
+from vitkit.deploy.metadata import Preprocessing, normalization_name
 from vitkit.deploy.onnx_runtime import OnnxModel
 from vitkit.deploy.postprocess import Accuracy, count_hits
 from vitkit.deploy.result_files import check_unique_stems, write_result
@@ -36,11 +36,20 @@ class InferResult:
 def resolve_preprocessing(card_preprocessing: Preprocessing | None, cfg, model_side: int | None) -> Preprocessing:
     """The eval pipeline to use: the config's when one was given, else what the model was exported with.
 
-    A model exported by something other than vitkit carries nothing: its fixed input size and the original's
-    resize rule then apply, and a dynamic-size one needs a config.
+    A model exported by something other than vitkit carries nothing: its fixed input size, the original's
+    resize rule and normalization then apply, and a dynamic-size one needs a config. A config whose normalization
+    differs from the exported model's is followed, with a warning: the logits are then off.
     """
     if cfg is not None:
-        return Preprocessing(cfg.eval.image_size, cfg.eval.resize_size, cfg.data.interpolation)
+        normalization = cfg.data.normalization
+        if card_preprocessing is not None and card_preprocessing.normalization != normalization:
+            warnings.warn(
+                f"the model was exported for {normalization_name(card_preprocessing.normalization)} inputs but the "
+                f"config normalizes with {normalization_name(normalization)}: set "
+                f"data.normalization={card_preprocessing.normalization} unless the export was wrong",
+                stacklevel=2,
+            )
+        return Preprocessing(cfg.eval.image_size, cfg.eval.resize_size, cfg.data.interpolation, normalization)
     if card_preprocessing is not None:
         return card_preprocessing
     if model_side is None:
@@ -90,7 +99,7 @@ def infer_folder(
         skipped += failed
         if not batch.shape[0]:
             continue
-        inputs = normalize_batch(batch).numpy()
+        inputs = preprocessing.normalize(batch).numpy()
         started = time.perf_counter()
         logits = model(inputs)
         seconds += time.perf_counter() - started

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from vitkit.data.folder import decode_rgb
-from vitkit.data.transforms import normalize_batch
 from vitkit.deploy.infer import resolve_preprocessing
-from vitkit.deploy.metadata import ModelCard, Preprocessing
+from vitkit.deploy.metadata import ModelCard
 from vitkit.errors import VitkitError
 
 
@@ -32,6 +31,7 @@ class _Classifier:
     card: ModelCard
     side: int | None
     num_classes: int | None
+    source: str | None = None  # a checkpoint's source format ('npz', 'huggingface', ...); None for exported files
 
     def check(self, side: int) -> None:
         """A VitkitError unless the model takes side x side images."""
@@ -73,17 +73,19 @@ class _TorchClassifier(_Classifier):
             self.num_classes = None
             return
         from vitkit.engine.checkpoint import newest_weights
-        from vitkit.model.loading import load_model
+        from vitkit.model.loading import model_from_weights, read_weights
 
         overrides = {"image_size": cfg.eval.image_size} if cfg is not None else {}
         if cfg is not None and cfg.model.num_heads:
             overrides["num_heads"] = cfg.model.num_heads
-        model = load_model(newest_weights(path), **overrides)
+        weights = read_weights(newest_weights(path))
+        model = model_from_weights(weights, **overrides).eval()
+        self.source = weights.source
         self.module = model
         self.side = model.arch.image_size
         self.num_classes = model.arch.num_classes
-        self.card = ModelCard(Preprocessing(model.arch.image_size), tuple(model.class_names or ()) or None,
-                              model.arch.patch_size)
+        # A checkpoint records no eval preprocessing: the config's applies, else the original's at the model's size.
+        self.card = ModelCard(None, tuple(model.class_names or ()) or None, model.arch.patch_size)
 
     def check(self, side: int) -> None:
         if self.side is not None and side != self.side:
@@ -133,10 +135,14 @@ def predict(
     card = classifier.card
     preprocessing = resolve_preprocessing(card.preprocessing, cfg, classifier.side)
     classifier.check(preprocessing.image_size)
+    if classifier.source is not None:
+        from vitkit.engine.build import warn_on_other_normalization
+
+        warn_on_other_normalization(classifier.source, preprocessing.normalization, model_path)
     names = class_names or (list(card.class_names) if card.class_names else None)
     transform = preprocessing.transform()
     batch = torch.stack([transform(load_image(path)) for path in images])
-    logits = classifier(normalize_batch(batch).numpy()).astype(np.float64)
+    logits = classifier(preprocessing.normalize(batch).numpy()).astype(np.float64)
     if names is not None and len(names) < logits.shape[1]:
         raise VitkitError(f"{len(names)} class names for {logits.shape[1]} classes: give one name per class")
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))

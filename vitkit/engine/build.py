@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 
 import torch
 
 from vitkit.errors import VitkitError
 from vitkit.engine.checkpoint import newest_weights
-from vitkit.model.formats.huggingface import is_huggingface_folder
 from vitkit.model.loading import load_state, read_weights, source_numerics
 from vitkit.model.vit import VisionTransformer, make_arch
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Checkpoint sources whose models were trained on inputs normalized with mean and std 0.5 (Flax .npz from the ViT
+# paper, AugReg and big_vision; Hugging Face ViT). timm's own files do not say which statistics they used.
+_INCEPTION_SOURCES = {"npz": "Flax .npz", "huggingface": "Hugging Face ViT"}
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -57,17 +58,18 @@ def build_model(model_cfg, num_classes: int | None = None) -> VisionTransformer:
     return VisionTransformer(arch, components=model_cfg.components or None)
 
 
-def load_pretrained(model: VisionTransformer, path: str) -> list[str]:
+def load_pretrained(model: VisionTransformer, path: str, normalization: str = "imagenet") -> list[str]:
     """Non-strict start from any checkpoint load_model reads, or a training run's folder (its newest weights).
 
     A head for another class count is left freshly initialised (transfer learning, as the original's
     train_modelarts.py), and a pre-logits layer the model lacks is dropped (as the ViT paper fine-tuned);
-    position embeddings are resampled when the image size differs. Returns what was not loaded.
+    position embeddings are resampled when the image size differs. `normalization` is the run's input
+    normalization, checked against what the checkpoint expects. Returns what was not loaded.
     """
-    if Path(path).is_dir() and not is_huggingface_folder(Path(path)):
-        path = newest_weights(path)
+    path = newest_weights(path)
     weights = read_weights(path)
     _warn_on_other_numerics(model, weights, path)
+    warn_on_other_normalization(weights.source, normalization, path)
     state = dict(weights.state_dict)
     own = model.state_dict()
     skipped = []
@@ -99,4 +101,14 @@ def _warn_on_other_numerics(model: VisionTransformer, weights, path: str) -> Non
             f"eps {model.arch.ln_eps:g} and {model.arch.gelu} GELU: set model.ln_eps={eps:g} and model.gelu={gelu} "
             "to start from the same features",
             stacklevel=3,
+        )
+
+
+def warn_on_other_normalization(source: str, normalization: str, path, stacklevel: int = 2) -> None:
+    """Weights trained on mean/std 0.5 inputs score far lower on ImageNet-normalized ones: say so, not switch silently."""
+    if source in _INCEPTION_SOURCES and normalization == "imagenet":
+        warnings.warn(
+            f"'{path}' ({_INCEPTION_SOURCES[source]}): this checkpoint expects inputs normalized with mean/std 0.5, "
+            "not ImageNet's: set data.normalization=inception",
+            stacklevel=stacklevel + 1,
         )

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from vitkit.errors import VitkitError
 from vitkit.fileio import atomic_path
+from vitkit.model.formats.huggingface import is_huggingface_folder
 from vitkit.model.loading import save_model
 
 FULL_SUFFIX = ".pt"
@@ -126,8 +127,11 @@ def prune_checkpoints(folder: Path, keep: int, protect: str = "") -> None:
 
 
 def newest_weights(path: str) -> str:
-    """A training run's folder stands for the weights of its newest checkpoint; anything else is itself."""
-    if not Path(path).is_dir():
+    """A training run's folder stands for the weights of its newest checkpoint; anything else is itself.
+
+    A Hugging Face model folder is a checkpoint of its own, read whole by load_model.
+    """
+    if not Path(path).is_dir() or is_huggingface_folder(Path(path)):
         return path
     found = list_checkpoints(path)
     if not found:

@@ -7,12 +7,12 @@ import torch.distributed as dist
 from vitkit.data.folder import ImageFolderDataset, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.data.transforms import eval_transform, normalize_batch
-from vitkit.engine.build import autocast_context, pick_device
+from vitkit.engine.build import autocast_context, pick_device, warn_on_other_normalization
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.engine.distributed import setup_distributed
 from vitkit.errors import VitkitError
 from vitkit.metrics import TopKCounts as EvalResult
-from vitkit.model.loading import load_model
+from vitkit.model.loading import model_from_weights, read_weights
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -28,7 +28,9 @@ def _most_batches(batches: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32") -> EvalResult:
+def evaluate(
+    model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32", normalization: str = "imagenet"
+) -> EvalResult:
     was_training = model.training
     model.eval()
     hits_sum = torch.zeros(2, dtype=torch.int64, device=device)  # top-1 and top-5 hits, summed without a host sync
@@ -42,7 +44,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
         if not images.shape[0]:
             continue
         blank_forwards -= 1
-        images = normalize_batch(images.to(device, non_blocking=True))
+        images = normalize_batch(images.to(device, non_blocking=True), normalization=normalization)
         labels = labels.to(device, non_blocking=True)
         with autocast_context(precision, device):
             logits = model(images)
@@ -81,7 +83,10 @@ def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str
     overrides = {"image_size": cfg.eval.image_size}
     if cfg.model.num_heads:
         overrides["num_heads"] = cfg.model.num_heads
-    model = load_model(model_path, device=device, **overrides)
+    weights = read_weights(model_path)
+    if context.rank == 0:  # one warning, not one per rank
+        warn_on_other_normalization(weights.source, cfg.data.normalization, model_path, stacklevel=3)
+    model = model_from_weights(weights, **overrides).to(device).eval()
     samples, _ = list_image_folder(cfg.data.val_path, model.arch.num_classes)
     dataset = ImageFolderDataset(
         samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None)
@@ -90,4 +95,4 @@ def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str
     sampler = ShardSampler(len(samples), rank=context.rank, world_size=context.world_size, shuffle=False, pad=False)
     workers = usable_workers(cfg.eval.num_workers, context.local_world_size)
     loader = build_loader(dataset, sampler, cfg.eval.batch_size, workers, drop_last=False)
-    return evaluate(model, loader, device, cfg.train.precision), model_path
+    return evaluate(model, loader, device, cfg.train.precision, cfg.data.normalization), model_path

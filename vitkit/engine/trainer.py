@@ -95,7 +95,7 @@ class Trainer:
             train_transform(cfg.model.image_size, crop_min=data.crop_min, interpolation=data.interpolation,
                             augment=data.augment, randaugment_ops=data.randaugment_ops,
                             randaugment_magnitude=data.randaugment_magnitude, random_erasing=data.random_erasing,
-                            random_crop=data.random_crop),
+                            random_crop=data.random_crop, normalization=data.normalization),
             seed=cfg.train.seed,
         )
         self.train_sampler = ShardSampler(len(train_samples), rank=self.dist.rank, world_size=self.dist.world_size,
@@ -126,7 +126,7 @@ class Trainer:
         cfg = self.cfg
         self.model = build_model(cfg.model).to(self.device)
         if cfg.model.pretrained:
-            skipped = load_pretrained(self.model, cfg.model.pretrained)
+            skipped = load_pretrained(self.model, cfg.model.pretrained, normalization=cfg.data.normalization)
             note = f" (left freshly initialised: {', '.join(skipped)})" if skipped else ""
             self.log.info(f"loaded pretrained weights from {cfg.model.pretrained}{note}")
         self.train_model = wrap_model(self.model, self.dist, self.device, cfg.distributed.strategy,
@@ -241,7 +241,8 @@ class Trainer:
             # gradients: a zero loss over one blank image joins the all-reduce with zero gradients.
             size = self.cfg.model.image_size
             images = torch.zeros((1, 3, size, size), dtype=torch.uint8)
-        images = normalize_batch(images.to(self.device, non_blocking=True))
+        images = normalize_batch(images.to(self.device, non_blocking=True),
+                                 normalization=self.cfg.data.normalization)
         labels = labels.to(self.device, non_blocking=True)
         if self.mixer.enabled and not empty:
             self.mix_generator.manual_seed(_mix_seed(self.cfg.train.seed, self.progress.global_step))
@@ -349,7 +350,8 @@ class Trainer:
             improved = False
             if self._should_evaluate(epoch):
                 eval_started = time.perf_counter()
-                result = evaluate(self.model, self.val_loader, self.device, cfg.train.precision)
+                result = evaluate(self.model, self.val_loader, self.device, cfg.train.precision,
+                                  cfg.data.normalization)
                 eval_cost = time.perf_counter() - eval_started
                 accuracy = result.top1
                 record.update(accuracy=result.top1, top5=result.top5, eval_images=result.total, eval_cost=eval_cost)
