@@ -295,3 +295,18 @@ def test_a_killed_rank_restarts_under_max_restarts_and_resumes_from_the_newest_c
     assert len(rank0_logs) == 2 and "resumed from" in rank0_logs[-1]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["epoch"] == 9 and (out / "vit_tiny_patch16-10_4.pt").is_file()
+
+
+def test_a_restarted_process_continues_from_the_newest_checkpoint_not_the_one_it_was_told(data, one_process_run,
+                                                                                        tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    for stem in ("vit_tiny_patch16-1_4", "vit_tiny_patch16-2_4"):
+        shutil.copy(one_process_run / f"{stem}.pt", out)
+    args = train_args(data, out, "--batch_size=8", "--max_epoch=3", f"--train.resume={out / 'vit_tiny_patch16-1_4.pt'}")
+    from vitkit.config import load_config
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    trainer = Trainer(load_config(None, args))
+    assert trainer.progress.epoch == 2  # from -2_4, the job's newest; the command's -1_4 would redo an epoch
+    trainer.log.close()

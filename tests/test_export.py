@@ -137,3 +137,23 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     assert main(["export", "--model", str(corrupt), "--export.opset=17"]) == 2
     assert "export.opset" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_sincos_models_refuse_a_dynamic_image_size_and_pt2_gets_its_own_suffix(tmp_path):
+    # Sin-cos position embeddings are computed per grid, not resampled: a resampled table would give other logits.
+    model = vitkit.create_model("vit_tiny_patch16", **TINY_ARCH, pos_embed="sincos")
+    with pytest.raises(VitkitError, match="dynamic_image_size.*sincos"):
+        export_model(model, tmp_path / "model.onnx", dynamic_image_size=True)
+    assert not list(tmp_path.iterdir())
+    from vitkit.config import load_config
+
+    config = load_config(None, ["--file_format=PT2"])  # the default file name ends in .onnx
+    assert config.export.file_name == "vit_base_patch32.pt2"
+
+
+def test_models_over_two_gigabytes_are_refused_as_onnx(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "_ONNX_SINGLE_FILE_LIMIT", 1000)  # stands for ViT-H's 2.5 GB
+    model = vitkit.create_model("vit_tiny_patch16", **TINY_ARCH)
+    with pytest.raises(VitkitError, match="2 GB single-file limit: export it as PT2"):
+        export_model(model, tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())

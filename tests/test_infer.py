@@ -136,3 +136,14 @@ def test_bad_inputs_are_one_line_errors(deployed, tmp_path, capsys):
         assert main(argv) == 2, argv
         error = capsys.readouterr().err
         assert error.startswith("vitkit: error: ") and error.count("\n") == 1 and expected in error, error
+
+
+def test_an_override_replaces_only_its_own_key_of_the_models_preprocessing():
+    from vitkit.config import load_config
+    from vitkit.deploy.infer import resolve_preprocessing
+    from vitkit.deploy.metadata import Preprocessing
+
+    exported = Preprocessing(384, 416, "BICUBIC", "inception")
+    assert resolve_preprocessing(exported, load_config(None, ["--eval.num_workers=2"]), None) == exported
+    assert resolve_preprocessing(exported, load_config(None, ["--eval.resize_size=400"]), None) == Preprocessing(
+        384, 400, "BICUBIC", "inception")

@@ -102,7 +102,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _deploy_config(args: argparse.Namespace):
-    """The config when one was given (a file or any override), else None: the model's own metadata then decides."""
+    """The config when one was given (a file or any override), else None. The keys it sets override the model's
+    own preprocessing metadata; the rest comes from the model."""
     from vitkit.config import load_config
 
     if args.config_path is None and not args.overrides:

@@ -252,6 +252,8 @@ class Config:
     def __post_init__(self):
         # Why keys were ignored or values translated. Not a field, so it never prints or compares as config.
         self.notes: list[str] = []
+        # Dotted keys the YAML file or the overrides set, for commands where unset keys defer to the model's own.
+        self.explicit_keys: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,7 @@ def load_config(config_path: str | os.PathLike | None = None, overrides: Sequenc
         _apply(config, setting)
         origins[setting.option.key] = setting
     _check_together(config, origins)
+    config.explicit_keys = set(origins)
     return config
 
 
@@ -709,7 +712,9 @@ def _check_together(config: Config, origins: dict[str, _Setting]) -> None:
 def _match_export_suffix(export: ExportConfig, notes: list[str]) -> None:
     # The original's export file is 'vit_base_patch32.mindir'; once the format is ONNX, the name should say so.
     stem, suffix = os.path.splitext(export.file_name)
-    if suffix.lower() in _MINDSPORE_SUFFIXES:
+    if suffix.lower() in _MINDSPORE_SUFFIXES or (
+        suffix.lower() in _FORMAT_SUFFIXES.values() and suffix.lower() != _FORMAT_SUFFIXES[export.file_format]
+    ):
         renamed = stem + _FORMAT_SUFFIXES[export.file_format]
         _add_note(notes, (
             f"export.file_name: '{export.file_name}' is written as '{renamed}' "

@@ -37,6 +37,7 @@ PT2_CARD_FILE = "vitkit_deploy.json"
 # Op types that carry attention's softmax: one fused Attention node per block (opset >= 23), else the explicit
 # MatMul -> Softmax -> MatMul of scaled_dot_product_attention's math form.
 _FUSED_ATTENTION = ("Attention", "MultiHeadAttention")
+_ONNX_SINGLE_FILE_LIMIT = 2 * 1024**3  # protobuf: larger models need external data files
 
 
 @dataclasses.dataclass
@@ -137,6 +138,17 @@ def export_model(
     """Write `model` to `path` as ONNX or PT2, after checking the written file against the model."""
     model = model.cpu().eval()
     arch = model.arch
+    if dynamic_image_size and arch.pos_embed != "learn":
+        raise VitkitError(
+            f"export.dynamic_image_size resamples learned position embeddings, but this model's are {arch.pos_embed} "
+            "(computed for each grid, not resampled): export at a fixed export.image_size instead"
+        )
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if file_format == "ONNX" and weight_bytes >= _ONNX_SINGLE_FILE_LIMIT:
+        raise VitkitError(
+            f"the model's weights are {weight_bytes / 2**30:.1f} GiB, over ONNX's 2 GB single-file limit: "
+            "export it as PT2 (export.file_format=PT2)"
+        )
     card = card or ModelCard(Preprocessing(arch.image_size), None, arch.patch_size)
     module: nn.Module = AnySizeViT(model) if dynamic_image_size else model
     # A size-1 example would be specialised to a constant by torch.export, so a dynamic batch is traced with two.
@@ -225,7 +237,7 @@ def _export_onnx(module, example, dynamic_shapes, path: Path, opset: int, card: 
     op_counts = collections.Counter(node.op_type for node in program.model_proto.graph.node)
     with atomic_path(path) as tmp:
         with _quiet_exporter():
-            # Weights stay inside the file (protobuf's 2 GB limit fits every preset up to ViT-L).
+            # Weights stay inside the file: export_model refuses models over protobuf's 2 GB limit.
             program.save(str(tmp), external_data=False)
         runtime = OnnxModel(tmp)
         diff = _check("ONNX", [runtime(c.numpy()) for c in checks], references, checks)

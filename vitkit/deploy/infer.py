@@ -34,22 +34,30 @@ class InferResult:
 
 
 def resolve_preprocessing(card_preprocessing: Preprocessing | None, cfg, model_side: int | None) -> Preprocessing:
-    """The eval pipeline to use: the config's when one was given, else what the model was exported with.
+    """The eval pipeline to use: what the model was exported with, except what the config (file or overrides)
+    sets explicitly; all of the config's for a model that carries nothing.
 
     A model exported by something other than vitkit carries nothing: its fixed input size, the original's
     resize rule and normalization then apply, and a dynamic-size one needs a config. A config whose normalization
     differs from the exported model's is followed, with a warning: the logits are then off.
     """
     if cfg is not None:
-        normalization = cfg.data.normalization
-        if card_preprocessing is not None and card_preprocessing.normalization != normalization:
+        chosen = Preprocessing(cfg.eval.image_size, cfg.eval.resize_size, cfg.data.interpolation,
+                               cfg.data.normalization)
+        if card_preprocessing is None:
+            return chosen
+        keys = {"image_size": "eval.image_size", "resize_size": "eval.resize_size",
+                "interpolation": "data.interpolation", "normalization": "data.normalization"}
+        chosen = dataclasses.replace(card_preprocessing, **{
+            field: getattr(chosen, field) for field, key in keys.items() if key in cfg.explicit_keys})
+        if card_preprocessing.normalization != chosen.normalization:
             warnings.warn(
                 f"the model was exported for {normalization_name(card_preprocessing.normalization)} inputs but the "
-                f"config normalizes with {normalization_name(normalization)}: set "
+                f"config normalizes with {normalization_name(chosen.normalization)}: set "
                 f"data.normalization={card_preprocessing.normalization} unless the export was wrong",
                 stacklevel=2,
             )
-        return Preprocessing(cfg.eval.image_size, cfg.eval.resize_size, cfg.data.interpolation, normalization)
+        return chosen
     if card_preprocessing is not None:
         return card_preprocessing
     if model_side is None:

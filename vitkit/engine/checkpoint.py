@@ -54,8 +54,7 @@ def _distributed() -> bool:
 def gather_full_state(model, optimizer) -> tuple[dict, dict]:
     """Model and optimizer state as full CPU tensors keyed by parameter name, the same for one process, DDP and
     FSDP, so a checkpoint resumes under any strategy. A collective: every rank calls it; rank 0 gets the tensors."""
-    return (get_model_state_dict(model, options=_FULL_ON_RANK_ZERO),
-            get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK_ZERO))
+    return gather_full_weights(model), get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK_ZERO)
 
 
 def gather_full_weights(model) -> dict:

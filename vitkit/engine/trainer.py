@@ -57,9 +57,11 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.is_main = self.dist.rank == 0
-        # torchrun --max-restarts starts the same command again after a process died: it continues the job.
+        # torchrun --max-restarts starts the same command again after a process died: it continues this job from
+        # its newest checkpoint, not from the one the command first resumed from.
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        resume_path = ckpt.resolve_resume(cfg.train.resume or ("auto" if restarted else ""), self.output_dir)
+        resume = "auto" if restarted and ckpt.list_checkpoints(self.output_dir) else cfg.train.resume
+        resume_path = ckpt.resolve_resume(resume, self.output_dir)
         resume_state = ckpt.load_training_checkpoint(resume_path) if resume_path is not None else None
         if resume_path is None and self.is_main:
             self._refuse_to_overwrite()
