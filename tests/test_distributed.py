@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from conftest import TINY_MODEL, tiny_config, write_image_folder
 from vitkit.cli import main
 from vitkit.engine.trainer import Trainer
+from vitkit.errors import VitkitError
+from vitkit.model.loading import load_model
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no gloo backend")
@@ -230,6 +232,8 @@ def test_sharded_checkpoint_written_by_two_processes_resumes_on_one(data, fsdp_s
     stem = "vit_tiny_patch16-1_4"
     state = torch.load(fsdp_sharded_run / f"{stem}.pt", weights_only=True)
     assert "model" not in state and "optimizer" not in state and state["shards"] == f"{stem}.dcp"
+    with pytest.raises(VitkitError, match=f"sharded training checkpoint.*use the weights beside it, {stem}.safetensors"):
+        load_model(fsdp_sharded_run / f"{stem}.pt")
     out = data.parent / "sharded_resumed_on_1"
     out.mkdir()
     shutil.copy(fsdp_sharded_run / f"{stem}.pt", out)

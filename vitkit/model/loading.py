@@ -165,6 +165,9 @@ def _torch_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise VitkitError(f"cannot read PyTorch checkpoint '{path}' ({str(exc).splitlines()[0]}): the file may be truncated") from None
     if not isinstance(loaded, dict):
         raise VitkitError(f"'{path}' holds a {type(loaded).__name__}, not a state_dict: save model.state_dict() instead")
+    if loaded.get("format") == "vitkit-train" and "shards" in loaded:
+        raise VitkitError(f"'{path}' is a sharded training checkpoint (its tensors are in {loaded['shards']}): "
+                          f"use the weights beside it, {Path(path).with_suffix('.safetensors').name}")
     state = loaded
     for key in _STATE_KEYS:
         if isinstance(state.get(key), dict):
