@@ -314,3 +314,15 @@ def test_a_restarted_process_continues_from_the_newest_checkpoint_not_the_one_it
     trainer = Trainer(load_config(None, args))
     assert trainer.progress.epoch == 2  # from -2_4, the job's newest; the command's -1_4 would redo an epoch
     trainer.log.close()
+
+
+def test_pruning_removes_shards_whose_checkpoint_was_never_completed(tmp_path):
+    from vitkit.engine.checkpoint import prune_checkpoints
+
+    for stem in ("vit-1_4", "vit-2_4"):
+        (tmp_path / f"{stem}.pt").write_bytes(b"")
+        (tmp_path / f"{stem}.dcp").mkdir()
+    (tmp_path / "vit-3_4.dcp").mkdir()  # renamed into place, then the run died before writing vit-3_4.pt
+    (tmp_path / ".vit-3_8.dcp.partial").mkdir()  # died while writing shards
+    prune_checkpoints(tmp_path, keep=1)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["vit-2_4.dcp", "vit-2_4.pt"]

@@ -123,6 +123,10 @@ def prune_checkpoints(folder: Path, keep: int, protect: str = "") -> None:
             old.unlink(missing_ok=True)  # first, so that a checkpoint is never listed without its other files
             old.with_suffix(WEIGHTS_SUFFIX).unlink(missing_ok=True)
             shutil.rmtree(old.with_suffix(SHARDS_SUFFIX), ignore_errors=True)
+    # Shards of a save that died before its .pt was written: every save is complete when rank 0 prunes.
+    for shards in [*folder.glob(f"*{SHARDS_SUFFIX}"), *folder.glob(f".*{SHARDS_SUFFIX}.partial")]:
+        if not shards.with_suffix(FULL_SUFFIX).is_file():
+            shutil.rmtree(shards, ignore_errors=True)
 
 
 def newest_weights(path: str) -> str:
