@@ -169,6 +169,8 @@ def test_cards_without_normalization_mean_imagenet_and_a_differing_config_warns(
     assert old.preprocessing.normalization == "imagenet"
     card = Preprocessing(32, normalization="inception")
     assert ModelCard.from_json(ModelCard(card).to_json()).preprocessing == card
+    # A config that does not set the normalization keeps the exported model's.
+    assert resolve_preprocessing(card, load_config(None, EVAL), 32).normalization == "inception"
     with pytest.warns(UserWarning, match="exported for mean/std 0.5 inputs .* set data.normalization=inception"):
-        chosen = resolve_preprocessing(card, load_config(None, EVAL), 32)
-    assert chosen.normalization == "imagenet"  # the config is followed, as for the other eval keys
+        chosen = resolve_preprocessing(card, load_config(None, [*EVAL, "--data.normalization=imagenet"]), 32)
+    assert chosen.normalization == "imagenet"  # one it sets is followed, as for the other eval keys
