@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from vitkit.errors import VitkitError
+from vitkit.model.formats.renaming import rename_by_tables
 
 # ViTConfig's defaults, for a lone weights file with no config.json beside it.
 _DEFAULT_CONFIG = {"layer_norm_eps": 1e-12, "hidden_act": "gelu", "pooler_act": "tanh"}
@@ -113,23 +114,13 @@ def huggingface_to_vitkit(
     if "classifier.weight" in state:
         # ViTForImageClassification classifies the class token directly; a pooler saved beside it is never used.
         state = {name: tensor for name, tensor in state.items() if not name.startswith("pooler.")}
-    converted: dict[str, torch.Tensor] = {}
+    converted, blocks, unknown = rename_by_tables(state, _TOP_LEVEL, _BLOCK, _IN_BLOCK, _IGNORED)
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    unknown = []
-    for name, tensor in state.items():
-        if name in _IGNORED:
-            continue
-        if name in _TOP_LEVEL:
-            converted[_TOP_LEVEL[name]] = tensor
-            continue
-        match = _BLOCK.match(name)
-        part = _IN_BLOCK.get(match[2]) if match else None
-        if part is None:
-            unknown.append(name)
-        elif part in ("q", "k", "v"):
-            qkv.setdefault((match[1], match[3]), {})[part] = tensor
+    for entry in blocks:
+        if entry.part in ("q", "k", "v"):
+            qkv.setdefault((entry.block, entry.suffix), {})[entry.part] = entry.tensor
         else:
-            converted[f"blocks.{match[1]}.{part}.{match[3]}"] = tensor
+            converted[f"blocks.{entry.block}.{entry.part}.{entry.suffix}"] = entry.tensor
     if unknown:
         raise VitkitError(
             f"not a Hugging Face ViT checkpoint: unexpected tensors {', '.join(unknown[:3])}: "

@@ -12,6 +12,7 @@ import re
 import torch
 
 from vitkit.errors import VitkitError
+from vitkit.model.formats.renaming import rename_by_tables
 
 # torchvision builds every ViT with LayerNorm(eps=1e-6) and nn.GELU() (erf), and classifies the class token.
 NUMERICS = {"ln_eps": 1e-6, "gelu": "erf"}
@@ -53,18 +54,8 @@ def torchvision_to_vitkit(state: dict[str, torch.Tensor]) -> tuple[dict[str, tor
             "the torchvision ViT has a convolutional stem (conv_stem_configs), which vitkit's ViT does not have: "
             "only the patchify-stem models (vit_b_16 ... vit_h_14) can be read"
         )
-    converted: dict[str, torch.Tensor] = {}
-    unknown = []
-    for name, tensor in state.items():
-        if name in _TOP_LEVEL:
-            converted[_TOP_LEVEL[name]] = tensor
-            continue
-        match = _BLOCK.match(name)
-        part = _IN_BLOCK.get(match[2]) if match else None
-        if part is None:
-            unknown.append(name)
-            continue
-        converted[f"blocks.{match[1]}.{part}{match[3] or ''}"] = tensor
+    converted, blocks, unknown = rename_by_tables(state, _TOP_LEVEL, _BLOCK, _IN_BLOCK)
+    converted.update({f"blocks.{entry.block}.{entry.part}{entry.suffix}": entry.tensor for entry in blocks})
     if unknown:
         raise VitkitError(
             f"not a torchvision VisionTransformer state_dict: unexpected tensors {', '.join(unknown[:3])}: "
