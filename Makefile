@@ -12,7 +12,8 @@ DEMO_CONFIG := configs/fashion_mnist_vit.yml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py builds the JPEG region decoder (C, optional): a change to it or to its source reinstalls.
+$(VENV)/.installed: pyproject.toml setup.py vitkit/data/_jpeg_region.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)

@@ -20,6 +20,11 @@ from vitkit.data.loader import check_seed, derive_seed
 from vitkit.data.transforms import pil_to_tensor
 from vitkit.errors import VitkitError
 
+try:
+    from vitkit.data._jpeg_region import decode_region
+except ImportError:  # built without a C compiler or libjpeg's headers: JPEGs are decoded whole
+    decode_region = None
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 Sample = tuple[str, int]
@@ -185,8 +190,26 @@ def _decode_reduced(header: Image.Image, scale: int, box, output_size: tuple[int
         return None
 
 
+def _decode_box(data: np.ndarray, stage: v2.RandomResizedCrop | v2.Resize, params: dict, box) -> torch.Tensor | None:
+    """The stage applied to only the box's pixels, decoded by libjpeg-turbo (the same pixels a full decode gives),
+    or None where the region decoder is not built or cannot read the stream."""
+    if decode_region is None:
+        return None
+    left, top, right, bottom = box
+    pixels = decode_region(data, left, top, right - left, bottom - top)
+    if pixels is None:
+        return None
+    # A (3, H, W) view of (H, W, 3) memory: torch's uint8 antialiased resize runs twice as fast on this layout as on
+    # planar memory, and computes the same pixels.
+    region = torch.frombuffer(pixels, dtype=torch.uint8).view(bottom - top, right - left, 3).permute(2, 0, 1)
+    if isinstance(stage, v2.RandomResizedCrop):
+        params = dict(params, left=0, top=0)
+    return stage.transform(region, params)
+
+
 def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """transform(decode_rgb(data)), decoding JPEGs at 1/2, 1/4 or 1/8 of their size where the first stage allows.
+    """transform(decode_rgb(data)), decoding only the JPEG's crop box, at 1/2, 1/4 or 1/8 of its size where the
+    first stage allows.
 
     When the transform is a Compose whose first stage is a bilinear, antialiased RandomResizedCrop or Resize, the
     stage's parameters (the crop box) are drawn from the header's image size first, exactly as the stage would draw
@@ -195,6 +218,8 @@ def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], tor
     (flip, policy, erasing) then run unchanged. Otherwise the image is decoded in full and the stage applied with the
     parameters already drawn, which is exactly the plain path. Pixels of the reduced path differ from the plain
     path's by the difference between libjpeg's DCT-domain downscale and a bilinear one (see tests/test_fast_decode.py).
+    At full size only the box is decoded (`decode_region`: the rows above it are entropy-decoded only, the rows
+    below it not at all), which gives exactly the plain path's pixels.
     """
     stages = transform.transforms if isinstance(transform, v2.Compose) else []
     first = stages[0] if stages else None
@@ -210,7 +235,10 @@ def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], tor
     params = first.make_params([header])
     box, output_size = _resize_geometry(first, params, *header.size)
     scale = dct_scale(box, output_size)
-    image = _decode_reduced(header, scale, box, output_size) if scale > 1 else None
+    if scale > 1:
+        image = _decode_reduced(header, scale, box, output_size)
+    else:
+        image = _decode_box(data, first, params, box)
     if image is None:
         image = first.transform(decode_rgb(data), params)
     for stage in stages[1:]:

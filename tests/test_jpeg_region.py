@@ -1,0 +1,123 @@
+"""vitkit's JPEG region decoder (vitkit/data/_jpeg_region.c) against full decodes of real photographs.
+
+The region decoder must give exactly the pixels that torchvision's full decode gives inside the box, for every
+chroma subsampling, progressive files and grey ones; whatever it cannot decode cleanly it hands back as None, so
+that the full decoder takes over and reports the problem in its own words.
+"""
+import io
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit.data import folder
+from vitkit.data.folder import UnreadableImage, decode_rgb, decode_transformed
+from vitkit.data.transforms import train_transform
+
+skimage = pytest.importorskip("skimage")  # its bundled photographs are the inputs
+SAMPLE_DIR = os.path.join(os.path.dirname(skimage.__file__), "data")
+
+
+def test_region_decoder_is_built():
+    # setup.py builds it optionally; without it every JPEG is decoded whole, correct but slower. CI must have it.
+    assert folder.decode_region is not None, (
+        "vitkit.data._jpeg_region is not built: install a C compiler and libjpeg's headers (Debian: gcc libjpeg-dev), "
+        "then reinstall vitkit"
+    )
+
+
+decode_region = folder.decode_region
+needs_decoder = pytest.mark.skipif(decode_region is None, reason="region decoder not built (see the test above)")
+
+
+def encoded(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def photo(name: str) -> Image.Image:
+    return Image.open(os.path.join(SAMPLE_DIR, name))
+
+
+def jpeg_variants() -> dict[str, bytes]:
+    rocket = photo("rocket.jpg").convert("RGB")  # 640 x 427 colour photograph
+    variants = {
+        "camera file as shipped": open(os.path.join(SAMPLE_DIR, "rocket.jpg"), "rb").read(),
+        "grey": encoded(photo("camera.png").convert("L"), quality=90),
+        "odd size 4:2:0": encoded(rocket.resize((333, 251)), quality=90, subsampling=2),
+    }
+    for subsampling, name in ((0, "4:4:4"), (1, "4:2:2"), (2, "4:2:0")):
+        for progressive in (False, True):
+            key = f"{name}{' progressive' if progressive else ''}"
+            variants[key] = encoded(rocket, quality=90, subsampling=subsampling, progressive=progressive)
+    return variants
+
+
+def region(data: bytes, left: int, top: int, width: int, height: int) -> torch.Tensor:
+    pixels = decode_region(data, left, top, width, height)
+    assert pixels is not None
+    return torch.frombuffer(pixels, dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+
+
+@needs_decoder
+@pytest.mark.parametrize("name, data", list(jpeg_variants().items()))
+def test_region_pixels_equal_the_full_decode(name, data):
+    full = decode_rgb(np.frombuffer(data, dtype=np.uint8).copy())
+    height, width = full.shape[1:]
+    boxes = [(0, 0, width, height), (0, 0, 1, 1), (width - 1, height - 1, 1, 1), (16, 0, 48, height), (0, 8, width, 3)]
+    generator = random.Random(name)
+    for _ in range(40):
+        box_width, box_height = generator.randint(1, width), generator.randint(1, height)
+        boxes.append((generator.randint(0, width - box_width), generator.randint(0, height - box_height),
+                      box_width, box_height))
+    for left, top, box_width, box_height in boxes:
+        expected = full[:, top:top + box_height, left:left + box_width]
+        assert torch.equal(region(data, left, top, box_width, box_height), expected), (name, left, top)
+
+
+@needs_decoder
+def test_streams_it_cannot_decode_cleanly_are_left_to_the_full_decoder():
+    rocket = photo("rocket.jpg")
+    data = encoded(rocket.convert("RGB"), quality=90)
+    png = io.BytesIO()
+    rocket.save(png, "PNG")
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    for what, stream in [
+        ("CMYK", encoded(rocket.convert("CMYK"), quality=90)),
+        ("truncated", data[: len(data) // 2]),  # the full decoder refuses it even where the box lies above the cut
+        ("trailing bytes", data + b"tail"),  # the full decoder reads these; no shortcut for them
+        ("PNG", png.getvalue()),
+        ("empty", b""),
+    ]:
+        assert decode_region(stream, 0, 0, 64, 64) is None, what
+    # Zeroed entropy data decodes without complaint in the full decoder (garbage pixels below the damage); the
+    # region decoder gives the same pixels, above the damage and across it.
+    full = decode_rgb(np.frombuffer(bytes(corrupted), dtype=np.uint8).copy())
+    for left, top, width, height in [(0, 0, 640, 427), (0, 0, 64, 64), (100, 300, 200, 127)]:
+        assert torch.equal(region(bytes(corrupted), left, top, width, height),
+                           full[:, top:top + height, left:left + width])
+    assert decode_region(data, 600, 0, 41, 10) is None  # 640 wide: the box runs past the right side
+    assert decode_region(data, 0, 420, 10, 8) is None  # 427 high
+    with pytest.raises(ValueError):
+        decode_region(data, 0, 0, 0, 10)
+
+
+@needs_decoder
+def test_a_damaged_jpeg_gets_the_full_decoders_verdict():
+    data = np.frombuffer(encoded(photo("rocket.jpg").convert("RGB"), quality=90), dtype=np.uint8)
+    truncated = data[: len(data) // 2].copy()
+    transform = train_transform(224, augment="none")
+    try:
+        torch.default_generator.manual_seed(0)
+        plain = transform(decode_rgb(truncated))
+    except UnreadableImage:
+        with pytest.raises(UnreadableImage):
+            decode_transformed(truncated, transform)
+    else:
+        torch.default_generator.manual_seed(0)
+        assert torch.equal(decode_transformed(truncated, transform), plain)
