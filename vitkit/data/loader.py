@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from vitkit.errors import VitkitError
 
@@ -115,7 +115,9 @@ def collate_skipping_failures(
     if not kept:
         empty = torch.empty(0, dtype=torch.int64)
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8), empty, empty.clone(), failed
-    images = torch.stack([image for image, _, _ in kept])
+    # default_collate stacks straight into shared memory inside a worker, where the batch must go to reach the main
+    # process; torch.stack into private memory would be copied there once more on sending.
+    images = default_collate([image for image, _, _ in kept])
     labels = torch.tensor([label for _, label, _ in kept], dtype=torch.int64)
     indices = torch.tensor([index for _, _, index in kept], dtype=torch.int64)
     return images, labels, indices, failed
