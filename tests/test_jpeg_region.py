@@ -106,8 +106,31 @@ def test_streams_it_cannot_decode_cleanly_are_left_to_the_full_decoder():
                            full[:, top:top + height, left:left + width])
     assert decode_region(data, 600, 0, 41, 10) is None  # 640 wide: the box runs past the right side
     assert decode_region(data, 0, 420, 10, 8) is None  # 427 high
-    with pytest.raises(ValueError):
-        decode_region(data, 0, 0, 0, 10)
+    for bad_box in [(0, 0, 0, 10), (-1, 0, 10, 10), (0, 0, 65501, 1), (2**32, 0, 1, 1)]:
+        with pytest.raises((ValueError, OverflowError)):
+            decode_region(data, *bad_box)
+
+
+@needs_decoder
+def test_a_stray_marker_below_the_box_is_refused_like_the_full_decoder_does():
+    data = encoded(photo("rocket.jpg").convert("RGB"), quality=90)
+    cut = len(data) * 9 // 10
+    damaged = np.frombuffer(data[:cut] + b"\xff\xc4" + data[cut:], dtype=np.uint8).copy()
+    with pytest.raises(UnreadableImage):
+        decode_rgb(damaged)
+    assert decode_region(damaged.tobytes(), 0, 0, 100, 20) is None  # the box lies far above the marker
+    with pytest.raises(UnreadableImage):
+        decode_transformed(damaged, train_transform(224, augment="none"))
+
+
+@needs_decoder
+def test_an_incomplete_progressive_file_is_left_to_the_full_decoder():
+    # Cut before its third scan and closed with EOI: libjpeg block-smooths what it has, across the crop's margin.
+    data = encoded(photo("rocket.jpg").convert("RGB"), quality=90, progressive=True)
+    scans = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    partial = data[:scans[2]] + b"\xff\xd9"
+    assert decode_region(partial, 100, 0, 100, 213) is None
+    assert decode_region(data, 100, 0, 100, 213) is not None  # the complete file takes the region path
 
 
 @needs_decoder

@@ -7,8 +7,9 @@
  *
  * decode_region(data, left, top, width, height) -> bytearray of height * width * 3 bytes, interleaved RGB (the
  * layout libjpeg writes; torch's uint8 resize is fastest on it, as a channels-last view), or None when the stream is
- * not a complete YCbCr/greyscale JPEG or libjpeg reports any error or warning: the caller then takes the full
- * decoder, which reports what is wrong in its own words.
+ * not a complete YCbCr/greyscale JPEG, is a progressive file missing scans, has a marker where only entropy-coded
+ * data may be, or libjpeg reports any error or warning: the caller then takes the full decoder, which decodes it or
+ * reports what is wrong in its own words. A box outside 0..65500 pixels is a ValueError.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,6 +39,44 @@ static void leave_on_warning(j_common_ptr cinfo, int msg_level) {
 }
 
 static void silence(j_common_ptr cinfo) { (void)cinfo; }
+
+/* An incomplete progressive file (scans missing) is decoded with block smoothing, which reaches two blocks sideways,
+ * beyond the crop margin, and differs between libjpeg-turbo versions: the full decoder takes such files. */
+static int is_block_smoothed(j_decompress_ptr cinfo) {
+    if (!cinfo->progressive_mode || !cinfo->do_block_smoothing) {
+        return 0;
+    }
+    for (int component = 0; component < cinfo->num_components; component++) {
+        for (int k = 0; k < DCTSIZE2; k++) {
+            if (cinfo->coef_bits[component][k] != 0) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* In a single-scan file everything after the scan header is entropy-coded data up to the final EOI, where 0xFF is
+ * followed only by 0x00 (stuffing), 0xFF (fill) or an RSTn marker. A region decode stops at the region's last row,
+ * so a stray marker below it, which the full decoders refuse, has to be looked for here. */
+static int only_entropy_data_follows(j_decompress_ptr cinfo, const unsigned char *data, size_t size) {
+    int marker = cinfo->unread_marker;
+    if (marker != 0 && !(marker >= 0xD0 && marker <= 0xD7) && marker != 0xD9) {
+        return 0;
+    }
+    const unsigned char *end = data + size - 2; /* the final EOI, checked by the caller */
+    for (const unsigned char *p = cinfo->src->next_input_byte; p < end; p++) {
+        p = memchr(p, 0xFF, (size_t)(end - p));
+        if (p == NULL) {
+            break;
+        }
+        unsigned char next = p[1];
+        if (next != 0x00 && next != 0xFF && (next < 0xD0 || next > 0xD7)) {
+            return 0;
+        }
+    }
+    return 1;
+}
 
 /* Decodes rows [top, top + height) and columns [left, left + width) into pixels; 0 on success. */
 static int decode_into(const unsigned char *data, size_t size, JDIMENSION left, JDIMENSION top,
@@ -75,6 +114,11 @@ static int decode_into(const unsigned char *data, size_t size, JDIMENSION left, 
     }
     cinfo.out_color_space = JCS_RGB;
     jpeg_start_decompress(&cinfo);
+    /* A multi-scan file has been read to its end by now; a single-scan one is checked to its end. */
+    if (cinfo.output_components != 3 || is_block_smoothed(&cinfo) ||
+        (!jpeg_input_complete(&cinfo) && !only_entropy_data_follows(&cinfo, data, size))) {
+        longjmp(problem.escape, 1);
+    }
 
     /* Fancy upsampling of subsampled chroma treats a crop's side as the image's edge, which changes the pixels
      * next to it; one iMCU of margin on each side keeps the region's pixels those of the full decode.
@@ -109,13 +153,15 @@ static int decode_into(const unsigned char *data, size_t size, JDIMENSION left, 
 static PyObject *decode_region(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer data;
-    unsigned int left, top, width, height;
-    if (!PyArg_ParseTuple(args, "y*IIII", &data, &left, &top, &width, &height)) {
+    Py_ssize_t left, top, width, height;
+    if (!PyArg_ParseTuple(args, "y*nnnn", &data, &left, &top, &width, &height)) {
         return NULL;
     }
-    if (width == 0 || height == 0) {
+    if (left < 0 || top < 0 || width < 1 || height < 1 || left + width > JPEG_MAX_DIMENSION ||
+        top + height > JPEG_MAX_DIMENSION) {
         PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_ValueError, "the region must have a positive width and height");
+        PyErr_Format(PyExc_ValueError, "the region must have a positive size and lie within %d x %d pixels",
+                     (int)JPEG_MAX_DIMENSION, (int)JPEG_MAX_DIMENSION);
         return NULL;
     }
     PyObject *pixels = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)3 * width * height);
@@ -123,10 +169,11 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
         PyBuffer_Release(&data);
         return NULL;
     }
+    unsigned char *out = (unsigned char *)PyByteArray_AS_STRING(pixels);
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = decode_into(data.buf, (size_t)data.len, left, top, width, height,
-                         (unsigned char *)PyByteArray_AS_STRING(pixels));
+    failed = decode_into(data.buf, (size_t)data.len, (JDIMENSION)left, (JDIMENSION)top, (JDIMENSION)width,
+                         (JDIMENSION)height, out);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
     if (failed) {
@@ -142,6 +189,8 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg_region", NULL, -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_jpeg_region", .m_size = -1, .m_methods = methods,
+};
 
 PyMODINIT_FUNC PyInit__jpeg_region(void) { return PyModule_Create(&module); }
