@@ -180,7 +180,9 @@ def main() -> int:
                        if "vitkit_mfu" in result else "")
                 print(f"{name:<18} {mode:<8} {args.batch:>5} {result['timm_img_s']:>11.1f} "
                       f"{result['vitkit_img_s']:>13.1f} {result['ratio']:>6.2f}{mfu}", flush=True)
-    write_report(args.out, {"machine": machine(), "settings": vars(args), "results": results})
+                # After every pair: a run cut short by a time limit keeps what it measured.
+                write_report(args.out, {"machine": machine(), "settings": vars(args), "results": results}, quiet=True)
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -41,11 +41,15 @@ def machine() -> dict:
     return info
 
 
-def write_report(path: str | Path, report: dict) -> Path:
+def write_report(path: str | Path, report: dict, quiet: bool = False) -> Path:
     """The JSON beside the printed table, with the command line that produced it first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), **report}
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    # Atomic: a run killed by a time limit while writing leaves the previous complete file, never half of one.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, path)
+    if not quiet:
+        print(f"wrote {path}")
     return path
