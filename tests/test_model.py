@@ -122,6 +122,54 @@ def test_components_hook_swaps_a_part_by_class_or_dotted_path():
     assert isinstance(by_path.blocks[0].mlp.act, nn.ReLU)
 
 
+def _logits_and_grads(model, images, forward):
+    torch.manual_seed(11)  # the same stochastic-depth draws on both paths
+    model.zero_grad()
+    logits = forward(images)
+    logits.square().sum().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_class_token_pooling_computes_only_the_class_token_in_the_last_block(qkv_bias):
+    model = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=3, num_classes=5, qkv_bias=qkv_bias,
+                                drop_path_rate=0.2)
+    assert model._last_block_class_token_only
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    every_token = lambda x: model.forward_head(model.forward_features(x))  # noqa: E731 - all tokens, all blocks
+    for training in (False, True):
+        model.train(training)
+        fast, fast_grads = _logits_and_grads(model, images, model)
+        full, full_grads = _logits_and_grads(model, images, every_token)
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The last block really shrank to one token: its MLP saw (batch, 1, width).
+    seen = []
+    model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    model.blocks[0].mlp.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    model(images)
+    assert seen == [(4, 5, 192), (4, 1, 192)]
+
+
+class _OwnBlock(vitkit.model.vit.Block):
+    def forward(self, x):  # a swapped-in block without the keep_tokens argument
+        return super().forward(x)
+
+
+class _OwnBlockParts(ViTComponents):
+    block = _OwnBlock
+
+
+def test_mean_pooling_and_swapped_blocks_run_every_token():
+    mean = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=2, pool="mean", class_token=False)
+    own = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=2, components=_OwnBlockParts)
+    assert not mean._last_block_class_token_only and not own._last_block_class_token_only
+    images = torch.randn(2, 3, 32, 32)
+    for model in (mean.eval(), own.eval()):
+        torch.testing.assert_close(model(images), model.forward_head(model.forward_features(images)))
+
+
 @pytest.mark.parametrize(
     "make, fragment",
     [

@@ -94,8 +94,7 @@ class AnySizeViT(nn.Module):
         pos = torch.cat([pos[:, : self.prefix], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, width)], dim=1)
         if model.cls_token is not None:
             tokens = torch.cat([model.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        tokens = model.norm(model.blocks(model.pos_drop(tokens + pos)))
-        return model.forward_head(tokens)
+        return model.forward_head(model.pooled_tokens(model.pos_drop(tokens + pos)))
 
 
 def export_checkpoint(cfg) -> ExportResult:
