@@ -152,6 +152,23 @@ def test_class_token_pooling_computes_only_the_class_token_in_the_last_block(qkv
     assert seen == [(4, 5, 192), (4, 1, 192)]
 
 
+def test_class_token_only_last_block_trains_like_timm():
+    # An independent truth for the shortcut: timm's model (every token through every block) with the same weights
+    # gives the same training logits and the same gradient for every parameter.
+    timm = pytest.importorskip("timm")
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=5)
+    model = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=3, num_classes=5)
+    model.load_state_dict(reference.state_dict())
+    assert model._last_block_class_token_only
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ours, our_grads = _logits_and_grads(model.train(), images, model)
+    theirs, their_grads = _logits_and_grads(reference.train(), images, reference)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 class _OwnBlock(vitkit.model.vit.Block):
     def forward(self, x):  # a swapped-in block without the keep_tokens argument
         return super().forward(x)
