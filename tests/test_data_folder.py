@@ -11,6 +11,7 @@ from vitkit.data.folder import (
     ImageFolderDataset,
     list_flat_folder,
     list_image_folder,
+    read_bytes,
 )
 from vitkit.data.loader import collate_skipping_failures
 from vitkit.errors import VitkitError
@@ -135,3 +136,14 @@ def test_corrupt_images_warn_with_their_name_and_are_dropped_by_collate(tmp_path
     assert images.shape == (1, 3, 20, 30)
     assert labels.tolist() == [0] and indices.tolist() == [0] and failed == 3
     assert labels.dtype == indices.dtype == torch.int64
+
+
+def test_read_bytes_gives_the_files_bytes_as_a_writable_array(tmp_path):
+    payload = bytes(range(256)) * 41
+    (tmp_path / "file.bin").write_bytes(payload)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    data = read_bytes(str(tmp_path / "file.bin"))
+    assert data.dtype == np.uint8 and data.flags.writeable and data.tobytes() == payload
+    assert read_bytes(str(tmp_path / "empty.bin")).shape == (0,)
+    with pytest.raises(FileNotFoundError):
+        read_bytes(str(tmp_path / "missing.bin"))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vitkit.data import folder
 from vitkit.data.folder import UnreadableImage, decode_rgb, decode_transformed
-from vitkit.data.transforms import train_transform
+from vitkit.data.transforms import eval_transform, train_transform
 
 skimage = pytest.importorskip("skimage")  # its bundled photographs are the inputs
 SAMPLE_DIR = os.path.join(os.path.dirname(skimage.__file__), "data")
@@ -112,6 +112,19 @@ def test_streams_it_cannot_decode_cleanly_are_left_to_the_full_decoder():
 
 
 @needs_decoder
+def test_header_size_is_pils_and_only_for_streams_the_region_decoder_serves():
+    for name, data in jpeg_variants().items():
+        assert folder.jpeg_size(data) == Image.open(io.BytesIO(data)).size, name
+    rocket = photo("rocket.jpg")
+    data = encoded(rocket.convert("RGB"), quality=90)
+    png = io.BytesIO()
+    rocket.save(png, "PNG")
+    for what, stream in [("CMYK", encoded(rocket.convert("CMYK"), quality=90)), ("PNG", png.getvalue()),
+                         ("header cut short", data[:100]), ("empty", b""), ("no JPEG", b"\xff\xd8\xff")]:
+        assert folder.jpeg_size(stream) is None, what
+
+
+@needs_decoder
 def test_a_stray_marker_below_the_box_is_refused_like_the_full_decoder_does():
     data = encoded(photo("rocket.jpg").convert("RGB"), quality=90)
     cut = len(data) * 9 // 10
@@ -153,10 +166,31 @@ def test_without_the_extension_the_whole_image_is_decoded_with_the_same_result(m
     data = np.fromfile(os.path.join(SAMPLE_DIR, "rocket.jpg"), dtype=np.uint8)  # 640 x 427: never reduced
     transform = train_transform(224, augment="none")
     results = []
-    for region_decoder in (folder.decode_region, None):
+    for region_decoder, header_reader in ((folder.decode_region, folder.jpeg_size), (None, None)):
         monkeypatch.setattr(folder, "decode_region", region_decoder)
-        torch.default_generator.manual_seed(7)
-        results.append(decode_transformed(data, transform))
-    torch.default_generator.manual_seed(7)
-    plain = transform(decode_rgb(data))
-    assert torch.equal(results[0], plain) and torch.equal(results[1], plain)
+        monkeypatch.setattr(folder, "jpeg_size", header_reader)  # PIL reads the header instead
+        for seed in range(8):
+            torch.default_generator.manual_seed(seed)
+            results.append(decode_transformed(data, transform))
+    plain = []
+    for seed in range(8):
+        torch.default_generator.manual_seed(seed)
+        plain.append(transform(decode_rgb(data)))
+    for result, expected in zip(results, plain + plain):
+        assert torch.equal(result, expected)
+
+
+@needs_decoder
+@pytest.mark.parametrize("native_kernel", [True, False])
+def test_both_resize_calls_give_torchvisions_pixels(monkeypatch, native_kernel):
+    # The region is resized by torch's uint8 kernel directly, or through torchvision where torch has no vectorized
+    # one; either way the result is the plain path's, flip and crop box included.
+    monkeypatch.setattr(folder, "_NATIVE_UINT8_RESIZE", native_kernel)
+    data = np.fromfile(os.path.join(SAMPLE_DIR, "rocket.jpg"), dtype=np.uint8)
+    # eval_transform's Resize(427) leaves the 640 x 427 photo at its size: no resize at all.
+    for transform in (train_transform(224, augment="none"), eval_transform(224, resize_size=427)):
+        for seed in range(6):
+            torch.default_generator.manual_seed(seed)
+            fast = decode_transformed(data, transform)
+            torch.default_generator.manual_seed(seed)
+            assert torch.equal(fast, transform(decode_rgb(data))), seed

@@ -183,9 +183,50 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     return pixels;
 }
 
+/* The image size from the header alone (no pixel decoded), for drawing a crop box before decoding. */
+static int read_size(const unsigned char *data, size_t size, JDIMENSION *width, JDIMENSION *height) {
+    struct jpeg_decompress_struct cinfo;
+    struct abort_on_problem problem;
+    cinfo.err = jpeg_std_error(&problem.base);
+    problem.base.error_exit = leave_on_error;
+    problem.base.emit_message = leave_on_warning;
+    problem.base.output_message = silence;
+    if (setjmp(problem.escape)) {
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, data, (unsigned long)size);
+    jpeg_read_header(&cinfo, TRUE);
+    int served = cinfo.jpeg_color_space == JCS_YCbCr || cinfo.jpeg_color_space == JCS_GRAYSCALE;
+    *width = cinfo.image_width;
+    *height = cinfo.image_height;
+    jpeg_destroy_decompress(&cinfo);
+    return served ? 0 : -1;
+}
+
+static PyObject *jpeg_size(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "y*", &data)) {
+        return NULL;
+    }
+    JDIMENSION width = 0, height = 0;
+    /* jpeg_mem_src refuses an empty buffer with an exit() of its own rather than through the error manager. */
+    int failed = data.len < 4 || ((const unsigned char *)data.buf)[0] != 0xFF ||
+                 read_size(data.buf, (size_t)data.len, &width, &height);
+    PyBuffer_Release(&data);
+    if (failed) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(II)", width, height);
+}
+
 static PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
      "decode_region(data, left, top, width, height) -> interleaved RGB bytearray (height * width * 3), or None"},
+    {"jpeg_size", jpeg_size, METH_VARARGS,
+     "jpeg_size(data) -> (width, height) of a YCbCr or greyscale JPEG, which decode_region can serve, else None"},
     {NULL, NULL, 0, NULL},
 };
 

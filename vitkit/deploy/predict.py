@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitkit.data.folder import decode_rgb
+from vitkit.data.folder import decode_rgb, read_bytes
 from vitkit.deploy.infer import resolve_preprocessing
 from vitkit.deploy.metadata import ModelCard
 from vitkit.errors import VitkitError
@@ -123,7 +123,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     if not os.path.isfile(path):
         raise VitkitError(f"image {path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
     try:
-        return decode_rgb(np.fromfile(path, dtype=np.uint8))
+        return decode_rgb(read_bytes(path))
     except ValueError as exc:
         raise VitkitError(f"{path} is not an image vitkit can read ({exc})") from None
 
