@@ -40,6 +40,14 @@ static void leave_on_warning(j_common_ptr cinfo, int msg_level) {
 
 static void silence(j_common_ptr cinfo) { (void)cinfo; }
 
+/* Every error and warning jumps to problem->escape, which the caller sets with setjmp in its own frame. */
+static void use_abort_on_problem(j_decompress_ptr cinfo, struct abort_on_problem *problem) {
+    cinfo->err = jpeg_std_error(&problem->base);
+    problem->base.error_exit = leave_on_error;
+    problem->base.emit_message = leave_on_warning;
+    problem->base.output_message = silence;
+}
+
 /* An incomplete progressive file (scans missing) is decoded with block smoothing, which reaches two blocks sideways,
  * beyond the crop margin, and differs between libjpeg-turbo versions: the full decoder takes such files. */
 static int is_block_smoothed(j_decompress_ptr cinfo) {
@@ -92,10 +100,7 @@ static int decode_into(const unsigned char *data, size_t size, JDIMENSION left, 
     if (size < 4 || data[size - 2] != 0xFF || data[size - 1] != 0xD9) {
         return -1;
     }
-    cinfo.err = jpeg_std_error(&problem.base);
-    problem.base.error_exit = leave_on_error;
-    problem.base.emit_message = leave_on_warning;
-    problem.base.output_message = silence;
+    use_abort_on_problem(&cinfo, &problem);
     if (setjmp(problem.escape)) {
         jpeg_destroy_decompress(&cinfo);
         free(row);
@@ -187,10 +192,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
 static int read_size(const unsigned char *data, size_t size, JDIMENSION *width, JDIMENSION *height) {
     struct jpeg_decompress_struct cinfo;
     struct abort_on_problem problem;
-    cinfo.err = jpeg_std_error(&problem.base);
-    problem.base.error_exit = leave_on_error;
-    problem.base.emit_message = leave_on_warning;
-    problem.base.output_message = silence;
+    use_abort_on_problem(&cinfo, &problem);
     if (setjmp(problem.escape)) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
