@@ -18,8 +18,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from vitkit.data import folder
 from vitkit.data.folder import ImageFolderDataset, decode_rgb, decode_transformed, dct_scale, list_image_folder
-from vitkit.data.loader import ShardSampler, build_loader, derive_seed
+from vitkit.data.loader import ShardSampler, build_loader, derive_seed, sample_seed
 from vitkit.data.transforms import OnPILImage, eval_transform, pil_to_tensor, tensor_to_pil, train_transform
 
 skimage = pytest.importorskip("skimage")  # a test dependency (pyproject's `test` extra); its photos are the inputs
@@ -63,8 +64,26 @@ def crop_boxes(monkeypatch):
         drawn.append(dict(params))
         return params
 
+    def recording_fast(stage, width, height):
+        params = drawing_fast(stage, width, height)
+        drawn.append(dict(params))
+        return params
+
+    drawing_fast = folder._draw_crop  # what the fast path calls instead of make_params
     monkeypatch.setattr(v2.RandomResizedCrop, "make_params", recording)
+    monkeypatch.setattr(folder, "_draw_crop", recording_fast)
     return drawn
+
+
+@pytest.mark.parametrize("scale, ratio", [((0.05, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.5, 0.5)), ((1.0, 1.0), (2.0, 3.0))])
+def test_fast_crop_draw_is_make_params(scale, ratio):
+    # Odd sizes and ratio bounds that no box fits, so that the centred fallback is drawn too.
+    stage = v2.RandomResizedCrop(224, scale=scale, ratio=ratio)
+    for width, height in [(500, 375), (375, 500), (1, 300), (300, 1), (7, 5), (2000, 30), (3, 3)]:
+        for seed in range(30):
+            fast, fast_state = seeded(seed, lambda: folder._draw_crop(stage, width, height))
+            plain, plain_state = seeded(seed, lambda: stage.make_params([torch.zeros(3, height, width, dtype=torch.uint8)]))
+            assert fast == plain and torch.equal(fast_state, plain_state), (width, height, seed)
 
 
 @pytest.mark.parametrize("box, expected", [
@@ -180,7 +199,7 @@ def test_dataset_and_workers_give_the_plain_path_labels_and_boxes(tmp_path, crop
         image, got_label, got_index = dataset[index]
         assert (got_label, got_index) == (label, index)
         fast_box = crop_boxes[-1]
-        torch.default_generator.manual_seed(derive_seed(3, 2, index))
+        torch.default_generator.manual_seed(sample_seed(derive_seed(3, 2), index))
         plain = transform(decode_rgb(np.fromfile(path, dtype=np.uint8)))
         assert crop_boxes[-1] == fast_box
         assert psnr(image, plain) >= REDUCED_PSNR_DB

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vitkit.data.folder import ImageFolderDataset, list_image_folder
-from vitkit.data.loader import ShardSampler, build_loader, collate_skipping_failures
+from vitkit.data.loader import ShardSampler, build_loader, collate_skipping_failures, sample_seed
 from vitkit.data.transforms import train_transform
 from vitkit.errors import VitkitError
 
@@ -193,3 +193,11 @@ def test_build_loader_defaults():
         build_loader(dataset, ShardSampler(4), batch_size=0, num_workers=0, drop_last=True)
     with pytest.raises(VitkitError, match="num_workers"):
         build_loader(dataset, ShardSampler(4), batch_size=2, num_workers=-1, drop_last=True)
+
+
+def test_sample_seeds_are_splitmix64s_outputs():
+    # The first outputs of SplitMix64 seeded with 0, as its reference C implementation (Vigna) prints them.
+    assert [sample_seed(0, index) for index in range(3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    # torch keeps the low 32 bits of a seed: those too differ between neighbouring samples and epochs.
+    low_bits = {sample_seed(key, index) & 0xFFFFFFFF for key in (0, 1) for index in range(2_000)}
+    assert len(low_bits) == 4_000

@@ -1,7 +1,9 @@
 """Image folders: listing samples (class subfolders or a plain folder) and the dataset that decodes and augments."""
 from __future__ import annotations
 
+import functools
 import io
+import math
 import os
 import platform
 import re
@@ -17,7 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from vitkit.data.loader import check_seed, derive_seed
+from vitkit.data.loader import check_seed, derive_seed, sample_seed
 from vitkit.data.transforms import pil_to_tensor
 from vitkit.errors import VitkitError
 
@@ -165,6 +167,45 @@ def _image_of_size(width: int, height: int) -> torch.Tensor:
     return torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, height, width)
 
 
+@functools.lru_cache(maxsize=8)
+def _log_bounds(ratio: tuple[float, float]) -> list[float]:
+    return torch.log(torch.tensor(ratio)).tolist()  # in float32, as RandomResizedCrop keeps them
+
+
+def _draw_crop(stage: v2.RandomResizedCrop, width: int, height: int) -> dict[str, int]:
+    """What stage.make_params draws for an image of this size: the same numbers from torch's generator in the same
+    order, without the inspection of its inputs around them, which costs more than the draws.
+
+    Up to ten tries of an area fraction (uniform in `scale`) and an aspect ratio (log-uniform in `ratio`, drawn in
+    float32 as torchvision does) whose rounded box fits, placed uniformly; else the largest centred box within the
+    ratio bounds. tests/test_fast_decode.py holds it to make_params, generator state included.
+    """
+    area = height * width
+    low, high = _log_bounds(tuple(stage.ratio))
+    for _ in range(10):
+        fraction = torch.empty(1).uniform_(stage.scale[0], stage.scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(low, high)).item()
+        box_width = int(round(math.sqrt(area * fraction * aspect)))
+        box_height = int(round(math.sqrt(area * fraction / aspect)))
+        if 0 < box_width <= width and 0 < box_height <= height:
+            top = torch.randint(0, height - box_height + 1, size=(1,)).item()
+            left = torch.randint(0, width - box_width + 1, size=(1,)).item()
+            return dict(top=top, left=left, height=box_height, width=box_width)
+    if width / height < min(stage.ratio):
+        box_width, box_height = width, int(round(width / min(stage.ratio)))
+    elif width / height > max(stage.ratio):
+        box_width, box_height = int(round(height * max(stage.ratio))), height
+    else:
+        box_width, box_height = width, height
+    return dict(top=(height - box_height) // 2, left=(width - box_width) // 2, height=box_height, width=box_width)
+
+
+def _draw_params(stage: v2.RandomResizedCrop | v2.Resize, width: int, height: int) -> dict:
+    if type(stage) is v2.RandomResizedCrop:
+        return _draw_crop(stage, width, height)
+    return stage.make_params([_image_of_size(width, height)])
+
+
 def _resize_geometry(stage: v2.RandomResizedCrop | v2.Resize, params: dict, width: int, height: int):
     """(box in source pixels (left, top, right, bottom), output (height, width)) of a resizing first stage."""
     if isinstance(stage, v2.RandomResizedCrop):
@@ -259,7 +300,7 @@ def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], tor
     size = _jpeg_size(data) if reducible else None
     if size is None:
         return transform(decode_rgb(data))
-    params = first.make_params([_image_of_size(*size)])
+    params = _draw_params(first, *size)
     box, output_size = _resize_geometry(first, params, *size)
     scale = dct_scale(box, output_size)
     image = _decode_reduced(data, scale, box, output_size) if scale > 1 else _decode_box(data, box, output_size)
@@ -293,7 +334,8 @@ class ImageFolderDataset(Dataset):
     `collate_skipping_failures` drops and counts, so one bad file never stops a run.
 
     Augmentation is a pure function of (seed, epoch, index): torch's global CPU generator (which torchvision's
-    transforms draw from) is seeded from the three right before the transform and restored right after. The
+    transforms draw from) is seeded from the three (`sample_seed`) right before the transform and restored right
+    after. The
     result is the same whatever the worker count, worker assignment, order or resume point, and the main
     process's stream (which dropout draws from) is untouched when there are no workers. The epoch lives in shared
     memory, so `set_epoch` reaches persistent workers started in an earlier epoch.
@@ -308,6 +350,7 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.seed = check_seed(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._epoch_key = (-1, 0)  # (epoch, derive_seed(seed, epoch)), per process
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -336,11 +379,21 @@ class ImageFolderDataset(Dataset):
             return None, label, index
         return image, label, index
 
+    def _key_of_epoch(self) -> int:
+        epoch = self.epoch
+        if self._epoch_key[0] != epoch:
+            self._epoch_key = (epoch, derive_seed(self.seed, epoch))
+        return self._epoch_key[1]
+
+    def sample_seed(self, index: int) -> int:
+        """The seed that sample `index` of the current epoch is augmented with."""
+        return sample_seed(self._key_of_epoch(), index)
+
     def _decode_transformed_seeded(self, data: np.ndarray, index: int) -> torch.Tensor:
         generator = torch.default_generator
         saved = generator.get_state()
         # The CPU generator only: torch.manual_seed would also reseed every CUDA generator.
-        generator.manual_seed(derive_seed(self.seed, self.epoch, index))
+        generator.manual_seed(self.sample_seed(index))
         try:
             return decode_transformed(data, self.transform)
         finally:

