@@ -201,3 +201,21 @@ def test_sample_seeds_are_splitmix64s_outputs():
     # torch keeps the low 32 bits of a seed: those too differ between neighbouring samples and epochs.
     low_bits = {sample_seed(key, index) & 0xFFFFFFFF for key in (0, 1) for index in range(2_000)}
     assert len(low_bits) == 4_000
+
+
+def test_channels_last_images_make_a_channels_last_batch_with_the_same_pixels():
+    planar = [torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8) for _ in range(3)]
+    channels_last = [image.permute(1, 2, 0).contiguous().permute(2, 0, 1) for image in planar]
+    # A crop of a larger channels-last image, as eval's centre crop leaves it: rows further apart than its width.
+    wider = torch.randint(0, 256, (9, 11, 3), dtype=torch.uint8)
+    planar.append(wider.permute(2, 0, 1)[:, 2:7, 3:10].contiguous())
+    channels_last.append(wider.permute(2, 0, 1)[:, 2:7, 3:10])
+    batch = [(image, index, index) for index, image in enumerate(channels_last)] + [(None, 9, 9)]
+    images, labels, indices, failed = collate_skipping_failures(batch)
+    assert failed == 1 and labels.tolist() == indices.tolist() == [0, 1, 2, 3]
+    assert torch.equal(images, torch.stack(planar)) and images.shape == (4, 3, 5, 7)
+    assert images.permute(0, 2, 3, 1).is_contiguous()  # (B, H, W, 3) in memory
+    mixed, _, _, _ = collate_skipping_failures([(channels_last[0], 0, 0), (planar[1], 1, 1)])
+    assert mixed.is_contiguous() and torch.equal(mixed, torch.stack(planar[:2]))
+    grey = [torch.randint(0, 256, (1, 4, 4), dtype=torch.uint8) for _ in range(2)]
+    assert collate_skipping_failures([(image, 0, 0) for image in grey])[0].is_contiguous()

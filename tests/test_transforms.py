@@ -188,3 +188,13 @@ def test_normalize_batch_matches_the_unit_scale_formula():
     np.testing.assert_allclose(half.float().numpy(), expected, rtol=1e-2, atol=1e-2)
     single = normalize_batch(images[0])
     assert torch.equal(single, out[0])
+
+
+def test_normalize_batch_gives_planar_floats_for_a_channels_last_batch():
+    batch = torch.randint(0, 256, (2, 3, 6, 5), dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
+    for layout in (torch.contiguous_format, torch.channels_last):
+        normalized = normalize_batch(batch.contiguous(memory_format=layout))
+        assert normalized.is_contiguous() and normalized.dtype == torch.float32
+        torch.testing.assert_close(normalized, (batch.float() - mean) / std, atol=1e-6, rtol=0)

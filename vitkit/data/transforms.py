@@ -210,11 +210,14 @@ def _normalization_constants(device: torch.device, normalization: str) -> tuple[
 def normalize_batch(
     images: torch.Tensor, dtype: torch.dtype = torch.float32, normalization: str = "imagenet"
 ) -> torch.Tensor:
-    """(x - mean) / std per channel for uint8 (B, 3, H, W) or (3, H, W) images, on the images' device.
+    """(x - mean) / std per channel for uint8 (B, 3, H, W) or (3, H, W) images, on the images' device, as a
+    contiguous (planar) tensor whatever the images' memory layout.
 
     `normalization` picks mean and std: 'imagenet' (the original's) or 'inception' (0.5 and 0.5 on the 0-1 scale).
     The arithmetic is float32 whatever `dtype` is, so a bfloat16 result is rounded once, at the end.
     """
     mean, std = _normalization_constants(images.device, normalization)
-    # Out of place first: uint8 minus float32 promotes to a new float32 tensor and the caller's batch stays intact.
-    return torch.sub(images, mean).div_(std).to(dtype)
+    # Into a new planar float32 tensor, whatever the batch's layout (the loader's batches are channels-last): the
+    # model's layout, in the same pass as the arithmetic; the caller's batch stays intact.
+    planar = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    return torch.sub(images, mean, out=planar).div_(std).to(dtype)
