@@ -20,7 +20,6 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from vitkit.data.loader import check_seed, derive_seed, sample_seed
-from vitkit.data.transforms import pil_to_tensor
 from vitkit.errors import VitkitError
 
 try:
@@ -248,7 +247,8 @@ def _decode_reduced(data: np.ndarray, scale: int, box, output_size: tuple[int, i
             Image.Resampling.BILINEAR,
             box=tuple(coordinate / taken for coordinate in box),
         )
-        return pil_to_tensor(resized)
+        # (3, H, W) over PIL's interleaved pixels, like the region path's, so that the loader stacks them as they lie.
+        return torch.from_numpy(np.array(resized.convert("RGB"))).permute(2, 0, 1)
     except Exception:  # noqa: BLE001 - a damaged stream: the plain path decodes it or reports why it cannot
         return None
 
