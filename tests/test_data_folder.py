@@ -147,3 +147,29 @@ def test_read_bytes_gives_the_files_bytes_as_a_writable_array(tmp_path):
     assert read_bytes(str(tmp_path / "empty.bin")).shape == (0,)
     with pytest.raises(FileNotFoundError):
         read_bytes(str(tmp_path / "missing.bin"))
+
+
+def test_read_bytes_keeps_reading_after_a_short_read(tmp_path, monkeypatch):
+    # Network and FUSE filesystems may hand over fewer bytes than asked for; the rest must still be read.
+    payload = bytes(range(256)) * 41
+    (tmp_path / "file.bin").write_bytes(payload)
+    real_open = open
+
+    class Trickle:
+        def __init__(self, file):
+            self.file = file
+
+        def readinto(self, buffer):
+            return self.file.readinto(buffer[:1000])
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr("builtins.open", lambda *args, **kwargs: Trickle(real_open(*args, **kwargs)))
+    assert read_bytes(str(tmp_path / "file.bin")).tobytes() == payload

@@ -186,6 +186,9 @@ def test_both_resize_calls_give_torchvisions_pixels(monkeypatch, native_kernel):
     # The region is resized by torch's uint8 kernel directly, or through torchvision where torch has no vectorized
     # one; either way the result is the plain path's, flip and crop box included.
     monkeypatch.setattr(folder, "_NATIVE_UINT8_RESIZE", native_kernel)
+    if not native_kernel:  # as on a CPU without a vectorized uint8 kernel: torchvision resizes a float copy
+        from torchvision.transforms.v2.functional import _geometry
+        monkeypatch.setattr(_geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: False)
     data = np.fromfile(os.path.join(SAMPLE_DIR, "rocket.jpg"), dtype=np.uint8)
     # eval_transform's Resize(427) leaves the 640 x 427 photo at its size: no resize at all.
     for transform in (train_transform(224, augment="none"), eval_transform(224, resize_size=427)):

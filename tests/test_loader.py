@@ -215,7 +215,10 @@ def test_channels_last_images_make_a_channels_last_batch_with_the_same_pixels():
     assert failed == 1 and labels.tolist() == indices.tolist() == [0, 1, 2, 3]
     assert torch.equal(images, torch.stack(planar)) and images.shape == (4, 3, 5, 7)
     assert images.permute(0, 2, 3, 1).is_contiguous()  # (B, H, W, 3) in memory
+    # One planar image among them (a PNG, a fallback decode): still one channels-last batch, the same pixels.
     mixed, _, _, _ = collate_skipping_failures([(channels_last[0], 0, 0), (planar[1], 1, 1)])
-    assert mixed.is_contiguous() and torch.equal(mixed, torch.stack(planar[:2]))
+    assert mixed.permute(0, 2, 3, 1).is_contiguous() and torch.equal(mixed, torch.stack(planar[:2]))
+    only_planar, _, _, _ = collate_skipping_failures([(image, 0, 0) for image in planar])
+    assert only_planar.is_contiguous() and torch.equal(only_planar, torch.stack(planar))
     grey = [torch.randint(0, 256, (1, 4, 4), dtype=torch.uint8) for _ in range(2)]
     assert collate_skipping_failures([(image, 0, 0) for image in grey])[0].is_contiguous()

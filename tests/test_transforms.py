@@ -198,3 +198,5 @@ def test_normalize_batch_gives_planar_floats_for_a_channels_last_batch():
         normalized = normalize_batch(batch.contiguous(memory_format=layout))
         assert normalized.is_contiguous() and normalized.dtype == torch.float32
         torch.testing.assert_close(normalized, (batch.float() - mean) / std, atol=1e-6, rtol=0)
+    grey = batch[:, :1]  # one channel broadcasts against the three means, as before
+    torch.testing.assert_close(normalize_batch(grey), (grey.float() - mean) / std, atol=1e-6, rtol=0)

@@ -214,7 +214,7 @@ static PyObject *jpeg_size(PyObject *self, PyObject *args) {
         return NULL;
     }
     JDIMENSION width = 0, height = 0;
-    /* jpeg_mem_src refuses an empty buffer with an exit() of its own rather than through the error manager. */
+    /* Fewer bytes than an SOI and one marker, or no 0xFF first, is no JPEG: no need to set libjpeg up for it. */
     int failed = data.len < 4 || ((const unsigned char *)data.buf)[0] != 0xFF ||
                  read_size(data.buf, (size_t)data.len, &width, &height);
     PyBuffer_Release(&data);

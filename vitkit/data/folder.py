@@ -1,7 +1,6 @@
 """Image folders: listing samples (class subfolders or a plain folder) and the dataset that decodes and augments."""
 from __future__ import annotations
 
-import functools
 import io
 import math
 import os
@@ -154,7 +153,10 @@ def _jpeg_header(data: np.ndarray) -> Image.Image | None:
 
 
 def _jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(width, height) of a colour (YCbCr) or grey JPEG from its header, else None."""
+    """(width, height) of a colour (YCbCr) or grey JPEG from its header, else None.
+
+    PIL's reader, used where the extension is not built, is less strict: it also passes RGB-coded JPEGs and headers
+    libjpeg warns about, whose large crops then take the reduced decode rather than the plain one."""
     if jpeg_size is not None:
         return jpeg_size(data)  # libjpeg's header reader: 30 times faster than PIL's
     header = _jpeg_header(data)
@@ -162,13 +164,8 @@ def _jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
 
 
 def _image_of_size(width: int, height: int) -> torch.Tensor:
-    """A (3, height, width) uint8 tensor over one byte: what a stage's make_params reads (the size) and nothing more."""
-    return torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, height, width)
-
-
-@functools.lru_cache(maxsize=8)
-def _log_bounds(ratio: tuple[float, float]) -> list[float]:
-    return torch.log(torch.tensor(ratio)).tolist()  # in float32, as RandomResizedCrop keeps them
+    """A (3, height, width) uint8 tensor over one zero byte: what a stage's make_params reads (the size)."""
+    return torch.zeros((1, 1, 1), dtype=torch.uint8).expand(3, height, width)
 
 
 def _draw_crop(stage: v2.RandomResizedCrop, width: int, height: int) -> dict[str, int]:
@@ -180,7 +177,9 @@ def _draw_crop(stage: v2.RandomResizedCrop, width: int, height: int) -> dict[str
     ratio bounds. tests/test_fast_decode.py holds it to make_params, generator state included.
     """
     area = height * width
-    low, high = _log_bounds(tuple(stage.ratio))
+    # The stage's own float32 log bounds, computed when it was built, as make_params reads them.
+    log_ratio = getattr(stage, "_log_ratio", None)
+    low, high = (torch.log(torch.tensor(stage.ratio)) if log_ratio is None else log_ratio).tolist()
     for _ in range(10):
         fraction = torch.empty(1).uniform_(stage.scale[0], stage.scale[1]).item()
         aspect = torch.exp(torch.empty(1).uniform_(low, high)).item()
@@ -279,8 +278,8 @@ def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], tor
     first stage allows.
 
     When the transform is a Compose whose first stage is a bilinear, antialiased RandomResizedCrop or Resize, the
-    stage's parameters (the crop box) are drawn from the header's image size first, by the stage itself, exactly
-    as it would draw them from the decoded image. If the box is at least 2x the output on both sides (dct_scale),
+    stage's parameters (the crop box) are drawn from the header's image size first, with exactly the random draws
+    the stage would make on the decoded image (`_draw_crop`). If the box is at least 2x the output on both sides (dct_scale),
     the JPEG is decoded at reduced size and the box resized by PIL from there, with the same box and output size;
     the later stages (flip, policy, erasing) then run unchanged. Pixels of that reduced path differ from the plain
     path's by the difference between libjpeg's DCT-domain downscale and a bilinear one (see
@@ -320,10 +319,15 @@ def _run_stage(stage: Callable[[torch.Tensor], torch.Tensor], image: torch.Tenso
 
 
 def read_bytes(path: str) -> np.ndarray:
-    """A file's bytes as a writable uint8 array, in one read (half the time np.fromfile takes)."""
+    """A file's bytes as a writable uint8 array, read straight into it (half the time np.fromfile takes)."""
     with open(path, "rb", buffering=0) as file:
         data = bytearray(os.fstat(file.fileno()).st_size)
-        size = file.readinto(data)
+        view, size = memoryview(data), 0
+        while size < len(data):  # one read is the rule on local disks; network filesystems may return less
+            got = file.readinto(view[size:])
+            if not got:
+                break
+            size += got
     return np.frombuffer(data, dtype=np.uint8)[:size]
 
 
@@ -335,9 +339,8 @@ class ImageFolderDataset(Dataset):
 
     Augmentation is a pure function of (seed, epoch, index): torch's global CPU generator (which torchvision's
     transforms draw from) is seeded from the three (`sample_seed`) right before the transform and restored right
-    after. The
-    result is the same whatever the worker count, worker assignment, order or resume point, and the main
-    process's stream (which dropout draws from) is untouched when there are no workers. The epoch lives in shared
+    after. The result is the same whatever the worker count, worker assignment, order or resume point, and the
+    main process's stream (which dropout draws from) is untouched when there are no workers. The epoch lives in shared
     memory, so `set_epoch` reaches persistent workers started in an earlier epoch.
 
     Paths are kept in one numpy array rather than a list of strings: workers then share the parent's pages instead
@@ -385,7 +388,7 @@ class ImageFolderDataset(Dataset):
             self._epoch_key = (epoch, derive_seed(self.seed, epoch))
         return self._epoch_key[1]
 
-    def sample_seed(self, index: int) -> int:
+    def augmentation_seed(self, index: int) -> int:
         """The seed that sample `index` of the current epoch is augmented with."""
         return sample_seed(self._key_of_epoch(), index)
 
@@ -393,7 +396,7 @@ class ImageFolderDataset(Dataset):
         generator = torch.default_generator
         saved = generator.get_state()
         # The CPU generator only: torch.manual_seed would also reseed every CUDA generator.
-        generator.manual_seed(self.sample_seed(index))
+        generator.manual_seed(self.augmentation_seed(index))
         try:
             return decode_transformed(data, self.transform)
         finally:

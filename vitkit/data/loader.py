@@ -126,8 +126,8 @@ def collate_skipping_failures(
     """Stacks (image, label, index) samples into (images uint8 (B,3,H,W), labels int64, indices int64, failed).
 
     Samples whose image is None (the dataset could not read them and warned) are left out and counted in `failed`.
-    A batch where every image failed gives B = 0 with images of shape (0, 3, 0, 0); the caller skips it. When every
-    image is channels-last, so is the batch: (B, 3, H, W) over (B, H, W, 3) memory.
+    A batch where every image failed gives B = 0 with images of shape (0, 3, 0, 0); the caller skips it. When any
+    image is channels-last, the batch is: (B, 3, H, W) over (B, H, W, 3) memory.
     """
     kept = [sample for sample in batch if sample[0] is not None]
     failed = len(batch) - len(kept)
@@ -136,10 +136,11 @@ def collate_skipping_failures(
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8), empty, empty.clone(), failed
     # default_collate stacks straight into shared memory inside a worker, where the batch must go to reach the main
     # process; torch.stack into private memory would be copied there once more on sending.
-    if all(_is_channels_last(image) for image, _, _ in kept):
+    if any(_is_channels_last(image) for image, _, _ in kept):
         # The JPEG paths give (3, H, W) views of (H, W, 3) memory. Stacking them as they lie is a plain copy; stacking
-        # them into planar memory would transpose every image, which costs the workers 0.1-0.2 ms an image. The
-        # device transposes the batch while normalizing it (normalize_batch), where it costs next to nothing.
+        # them into planar memory would transpose every image, which costs the workers 0.1-0.2 ms an image (only the
+        # odd planar one, from a PNG or a fallback decode, is transposed here). The device makes the batch planar
+        # while normalizing it (normalize_batch), where it costs next to nothing.
         images = default_collate([image.permute(1, 2, 0) for image, _, _ in kept]).permute(0, 3, 1, 2)
     else:
         images = default_collate([image for image, _, _ in kept])

@@ -219,5 +219,5 @@ def normalize_batch(
     mean, std = _normalization_constants(images.device, normalization)
     # Into a new planar float32 tensor, whatever the batch's layout (the loader's batches are channels-last): the
     # model's layout, in the same pass as the arithmetic; the caller's batch stays intact.
-    planar = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    planar = torch.empty(torch.broadcast_shapes(images.shape, mean.shape), dtype=torch.float32, device=images.device)
     return torch.sub(images, mean, out=planar).div_(std).to(dtype)
