@@ -46,7 +46,7 @@ def main() -> int:
             for index in range(args.rounds):
                 order = ("class_token_only", "every_token") if index % 2 == 0 else ("every_token", "class_token_only")
                 for setting in order:
-                    model._last_block_class_token_only = setting == "class_token_only"
+                    model._last_block_class_token_only = (lambda on: lambda: on)(setting == "class_token_only")
                     started = time.perf_counter()
                     for _ in range(args.steps):
                         runner.step()

@@ -8,6 +8,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from vitkit.fileio import atomic_path
+
 _PACKAGES = ("torch", "torchvision", "timm", "pillow", "numpy", "onnx", "onnxruntime", "onnxscript")
 
 
@@ -44,12 +46,10 @@ def machine() -> dict:
 def write_report(path: str | Path, report: dict, quiet: bool = False) -> Path:
     """The JSON beside the printed table, with the command line that produced it first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), **report}
     # Atomic: a run killed by a time limit while writing leaves the previous complete file, never half of one.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
     if not quiet:
         print(f"wrote {path}")
     return path

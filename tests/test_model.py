@@ -134,7 +134,7 @@ def _logits_and_grads(model, images, forward):
 def test_class_token_pooling_computes_only_the_class_token_in_the_last_block(qkv_bias):
     model = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=3, num_classes=5, qkv_bias=qkv_bias,
                                 drop_path_rate=0.2)
-    assert model._last_block_class_token_only
+    assert model._last_block_class_token_only()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     every_token = lambda x: model.forward_head(model.forward_features(x))  # noqa: E731 - all tokens, all blocks
     for training in (False, True):
@@ -159,7 +159,7 @@ def test_class_token_only_last_block_trains_like_timm():
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=5)
     model = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=3, num_classes=5)
     model.load_state_dict(reference.state_dict())
-    assert model._last_block_class_token_only
+    assert model._last_block_class_token_only()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ours, our_grads = _logits_and_grads(model.train(), images, model)
     theirs, their_grads = _logits_and_grads(reference.train(), images, reference)
@@ -181,10 +181,15 @@ class _OwnBlockParts(ViTComponents):
 def test_mean_pooling_and_swapped_blocks_run_every_token():
     mean = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=2, pool="mean", class_token=False)
     own = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=2, components=_OwnBlockParts)
-    assert not mean._last_block_class_token_only and not own._last_block_class_token_only
+    assert not mean._last_block_class_token_only() and not own._last_block_class_token_only()
     images = torch.randn(2, 3, 32, 32)
     for model in (mean.eval(), own.eval()):
         torch.testing.assert_close(model(images), model.forward_head(model.forward_features(images)))
+    # A block swapped in after the model was built runs whole too.
+    late = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=2).eval()
+    late.blocks[-1] = own.blocks[-1]
+    assert not late._last_block_class_token_only()
+    torch.testing.assert_close(late(images), late.forward_head(late.forward_features(images)))
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,11 @@ static void use_abort_on_problem(j_decompress_ptr cinfo, struct abort_on_problem
     problem->base.output_message = silence;
 }
 
+/* YCbCr and grey JPEGs convert to RGB alike in every decoder; CMYK/YCCK ones do not, so the full decoder takes them. */
+static int is_served_colour_space(j_decompress_ptr cinfo) {
+    return cinfo->jpeg_color_space == JCS_YCbCr || cinfo->jpeg_color_space == JCS_GRAYSCALE;
+}
+
 /* An incomplete progressive file (scans missing) is decoded with block smoothing, which reaches two blocks sideways,
  * beyond the crop margin, and differs between libjpeg-turbo versions: the full decoder takes such files. */
 static int is_block_smoothed(j_decompress_ptr cinfo) {
@@ -109,7 +114,7 @@ static int decode_into(const unsigned char *data, size_t size, JDIMENSION left, 
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, (unsigned long)size);
     jpeg_read_header(&cinfo, TRUE);
-    if (cinfo.jpeg_color_space != JCS_YCbCr && cinfo.jpeg_color_space != JCS_GRAYSCALE) {
+    if (!is_served_colour_space(&cinfo)) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
     }
@@ -200,7 +205,7 @@ static int read_size(const unsigned char *data, size_t size, JDIMENSION *width, 
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, (unsigned long)size);
     jpeg_read_header(&cinfo, TRUE);
-    int served = cinfo.jpeg_color_space == JCS_YCbCr || cinfo.jpeg_color_space == JCS_GRAYSCALE;
+    int served = is_served_colour_space(&cinfo);
     *width = cinfo.image_width;
     *height = cinfo.image_height;
     jpeg_destroy_decompress(&cinfo);

@@ -177,9 +177,7 @@ def _draw_crop(stage: v2.RandomResizedCrop, width: int, height: int) -> dict[str
     ratio bounds. tests/test_fast_decode.py holds it to make_params, generator state included.
     """
     area = height * width
-    # The stage's own float32 log bounds, computed when it was built, as make_params reads them.
-    log_ratio = getattr(stage, "_log_ratio", None)
-    low, high = (torch.log(torch.tensor(stage.ratio)) if log_ratio is None else log_ratio).tolist()
+    low, high = stage._log_ratio.tolist()  # the float32 log bounds make_params reads, computed when it was built
     for _ in range(10):
         fraction = torch.empty(1).uniform_(stage.scale[0], stage.scale[1]).item()
         aspect = torch.exp(torch.empty(1).uniform_(low, high)).item()
@@ -279,10 +277,10 @@ def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], tor
 
     When the transform is a Compose whose first stage is a bilinear, antialiased RandomResizedCrop or Resize, the
     stage's parameters (the crop box) are drawn from the header's image size first, with exactly the random draws
-    the stage would make on the decoded image (`_draw_crop`). If the box is at least 2x the output on both sides (dct_scale),
-    the JPEG is decoded at reduced size and the box resized by PIL from there, with the same box and output size;
-    the later stages (flip, policy, erasing) then run unchanged. Pixels of that reduced path differ from the plain
-    path's by the difference between libjpeg's DCT-domain downscale and a bilinear one (see
+    the stage would make on the decoded image (`_draw_crop`). If the box is at least 2x the output on both sides
+    (dct_scale), the JPEG is decoded at reduced size and the box resized by PIL from there, with the same box and
+    output size; the later stages (flip, policy, erasing) then run unchanged. Pixels of that reduced path differ
+    from the plain path's by the difference between libjpeg's DCT-domain downscale and a bilinear one (see
     tests/test_fast_decode.py). At full size only the box is decoded (`decode_region`: the rows above it are
     entropy-decoded only, the rows below it not at all), which gives exactly the plain path's pixels. Anything else,
     or a stream either decoder refuses, is decoded in full and the stage applied with the parameters already drawn:

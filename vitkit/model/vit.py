@@ -287,14 +287,6 @@ class VisionTransformer(nn.Module):
             head_in = width
         self.head = nn.Linear(head_in, arch.num_classes) if arch.num_classes > 0 else nn.Identity()
         init_weights(self, arch.init)
-        # Class-token pooling reads one token of the last block: the stock block computes just that one there.
-        # Swapped-in blocks or attentions with their own forward may not take the arguments, so they run whole.
-        last = self.blocks[-1] if len(self.blocks) else None
-        self._last_block_class_token_only = (
-            arch.pool == "token"
-            and isinstance(last, Block) and type(last).forward is Block.forward
-            and isinstance(last.attn, Attention) and type(last.attn).forward is Attention.forward
-        )
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Token features after the final norm, shape (batch, prefix + patches, width)."""
@@ -313,13 +305,24 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return self.pos_drop(x + self.pos_embed.to(x.dtype))
 
+    def _last_block_class_token_only(self) -> bool:
+        """Whether the last block may compute the class token alone: class-token pooling reads nothing else, and the
+        stock block and attention take the arguments. Swapped-in ones with their own forward (at build time or
+        later) may not, so they run whole. FSDP2's sharded blocks keep the stock forward."""
+        last = self.blocks[-1] if len(self.blocks) else None
+        return (
+            self.arch.pool == "token"
+            and isinstance(last, Block) and type(last).forward is Block.forward
+            and isinstance(last.attn, Attention) and type(last.attn).forward is Attention.forward
+        )
+
     def pooled_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The blocks and final norm over embedded tokens, keeping what forward_head reads.
 
         With class-token pooling the last block's query, projection and MLP run for the class token alone: the same
         logits for roughly 1/depth less work (6-7 % of a 12-block ViT's matrix products, training and inference).
         """
-        if not self._last_block_class_token_only:
+        if not self._last_block_class_token_only():
             return self.norm(self.blocks(tokens))
         for block in self.blocks[:-1]:
             tokens = block(tokens)
