@@ -6,7 +6,7 @@
 For each model (random timm-style weights, 1000 classes, 224 px) and batch size it measures, in alternating
 rounds so that a noisy machine hits every path alike: timm eager (the peer), vitkit eager, vitkit under
 torch.compile, ONNX Runtime fp32 at opset 18 (MatMul/Softmax attention) and opset 23 (one Attention node per
-block), and ONNX Runtime int8 (dynamic quantization of the opset-18 file). Each figure is the median over the
+block), and ONNX Runtime int8 (dynamic quantization of each of those two files). Each figure is the median over the
 rounds; the ratio is against timm eager's median from the same run. Writes benchmarks/results/infer.json with
 the command, the machine, the versions and every round.
 """
@@ -76,10 +76,12 @@ def build_paths(name: str, folder: Path, compile_model: bool) -> dict:
     export_model(model, folder / f"{name}_18.onnx", opset=18, dynamic_batch=True)
     export_model(model, folder / f"{name}_23.onnx", opset=23, dynamic_batch=True)
     quantize_int8(folder / f"{name}_18.onnx", folder / f"{name}_int8.onnx")
+    quantize_int8(folder / f"{name}_23.onnx", folder / f"{name}_int8_23.onnx")
     print(f"  {name}: exports and int8 quantization took {time.perf_counter() - started:.0f}s", flush=True)
     paths["onnxruntime fp32 (opset 18)"] = OnnxModel(folder / f"{name}_18.onnx")
     paths["onnxruntime fp32 (opset 23)"] = OnnxModel(folder / f"{name}_23.onnx")
-    paths["onnxruntime int8"] = OnnxModel(folder / f"{name}_int8.onnx")
+    paths["onnxruntime int8 (opset 18)"] = OnnxModel(folder / f"{name}_int8.onnx")
+    paths["onnxruntime int8 (opset 23)"] = OnnxModel(folder / f"{name}_int8_23.onnx")
     return paths
 
 

@@ -69,23 +69,28 @@ def test_cli_export_with_the_originals_keys_matches_timm_on_trained_weights(trai
     assert np.abs(_onnxruntime_logits(written, images) - expected).max() < 1e-4
     with pytest.raises(Exception):  # a fixed batch: onnxruntime itself refuses another one
         _onnxruntime_logits(written, images[:1])
-    # Opset 18 keeps scaled_dot_product_attention's math form, q@k -> Softmax -> @v per block, with no mask,
-    # dropout or NaN-guard ops (the slow generic path); the histogram printed is the file's. Four projections per
-    # block, plus one: the last block projects the class token's query apart from every token's keys and values.
+    # The default opset (23) makes each block's attention one ONNX Attention node; the histogram printed is the file's.
     ops = collections.Counter(node.op_type for node in onnx.load(written).graph.node)
-    assert ops["Softmax"] == 2 and ops["MatMul"] == 2 * 2 + 2 * 4 + 1
-    assert not {"Where", "Dropout", "RandomUniformLike", "Bernoulli", "IsNaN"} & set(ops)
-    assert f"Softmax {ops['Softmax']}" in printed and f"MatMul {ops['MatMul']}" in printed
+    assert "ONNX opset 23" in printed and ops["Attention"] == 2 and ops["Softmax"] == 0
+    assert f"Attention {ops['Attention']}" in printed and f"MatMul {ops['MatMul']}" in printed
 
 
-def test_onnx_on_random_weights_any_batch_and_size_with_fused_attention(tmp_path):
+@pytest.mark.parametrize("opset", [18, 23])
+def test_onnx_on_random_weights_any_batch_and_size(opset, tmp_path):
     # The original's init (N(0,1) class token and position embedding) gives large activations: a harder parity case.
     model = vitkit.create_model("vit_tiny_patch16", style="mindspore", **TINY_ARCH).eval()
-    result = export_model(model, tmp_path / "any.onnx", opset=23, dynamic_batch=True, dynamic_image_size=True)
+    result = export_model(model, tmp_path / "any.onnx", opset=opset, dynamic_batch=True, dynamic_image_size=True)
     assert result.input_shape == ("batch", 3, "height", "width") and result.max_abs_diff <= 1e-4
     ops = collections.Counter(node.op_type for node in onnx.load(tmp_path / "any.onnx").graph.node)
     assert ops == result.op_counts
-    assert ops["Attention"] == 2 and ops["Softmax"] == 0  # one fused ONNX Attention node per block
+    # Never the generic masked, dropout or NaN-guarded attention path.
+    assert not {"Where", "Dropout", "RandomUniformLike", "Bernoulli", "IsNaN"} & set(ops)
+    if opset >= 23:
+        assert ops["Attention"] == 2 and ops["Softmax"] == 0  # one fused ONNX Attention node per block
+    else:
+        # scaled_dot_product_attention's math form, q@k -> Softmax -> @v per block. Four projections per block,
+        # plus one: the last block projects the class token's query apart from every token's keys and values.
+        assert ops["Softmax"] == 2 and ops["Attention"] == 0 and ops["MatMul"] == 2 * 2 + 2 * 4 + 1
     images = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))
     resized = vitkit.create_model("vit_tiny_patch16", style="mindspore", **{**TINY_ARCH, "image_size": 48}).eval()
     load_state(resized, model.state_dict())  # position embeddings resampled by vitkit's loader, outside the graph
@@ -138,6 +143,16 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     assert main(["export", "--model", str(corrupt), "--export.opset=17"]) == 2
     assert "export.opset" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_onnx_runtime_too_old_for_the_opset_is_a_one_line_error(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ort, "__version__", "1.22.1")  # the last release without opset 23's Attention
+    existing = tmp_path / "m.onnx"
+    existing.write_bytes(b"an earlier export")
+    assert main(["export", "--model", str(trained), f"--file_name={existing}"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "needs onnxruntime >= 1.23, but 1.22.1 is installed" in error
+    assert "export.opset=18" in error and existing.read_bytes() == b"an earlier export"
 
 
 def test_sincos_models_refuse_a_dynamic_image_size_and_pt2_gets_its_own_suffix(tmp_path):

@@ -216,7 +216,8 @@ class ExportConfig:
     batch_size: int = _option(1, "batch dimension of the exported input (flat batch_size in an export file)", ge=1)
     image_size: int = _option(0, "side of the exported input in pixels; 0 = the checkpoint's own", ge=0)
     opset: int = _option(
-        18, "ONNX opset; 23 and up turn attention into one ONNX Attention node (onnxruntime >= 1.23)", ge=18
+        23, "ONNX opset; 23 and up make attention one ONNX Attention node per block, which needs onnxruntime >= 1.23 "
+        "(the fastest on CPU); 18-22 keep MatMul -> Softmax -> MatMul for older runtimes", ge=18
     )
     dynamic_batch: bool = _option(False, "let the exported model take any batch size")
     dynamic_image_size: bool = _option(

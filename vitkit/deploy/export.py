@@ -130,7 +130,7 @@ def export_model(
     card: ModelCard | None = None,
     *,
     batch_size: int = 1,
-    opset: int = 18,
+    opset: int = 23,
     dynamic_batch: bool = False,
     dynamic_image_size: bool = False,
 ) -> ExportResult:
@@ -222,8 +222,9 @@ def _export_onnx(module, example, dynamic_shapes, path: Path, opset: int, card: 
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise VitkitError(f"ONNX export needs {exc.name}: pip install 'vitkit[deploy]'") from None
-    from vitkit.deploy.onnx_runtime import OnnxModel
+    from vitkit.deploy.onnx_runtime import OnnxModel, require_opset
 
+    require_opset(opset)  # before the export: the written file is checked in ONNX Runtime
     try:
         with _quiet_exporter():
             program = torch.onnx.export(

@@ -18,6 +18,17 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def require_opset(opset: int) -> None:
+    """A one-line error when the installed ONNX Runtime is older than 1.23, the first to run opset 23's Attention."""
+    ort = import_onnxruntime()
+    installed = tuple(int(part) if part.isdigit() else 0 for part in ort.__version__.split(".")[:2])
+    if opset >= 23 and installed < (1, 23):
+        raise VitkitError(
+            f"ONNX opset {opset} needs onnxruntime >= 1.23, but {ort.__version__} is installed: upgrade it "
+            "(pip install -U onnxruntime) or export with export.opset=18"
+        )
+
+
 def cpu_threads() -> int:
     """The cores this process may run on (a container's or taskset's share, not the host's count)."""
     return max(1, len(os.sched_getaffinity(0)))
