@@ -1,6 +1,10 @@
-"""The one compiled part: vitkit's JPEG region decoder (vitkit/data/_jpeg_region.c), linked to the system's
-libjpeg-turbo (Debian/Ubuntu: libjpeg-dev). It is optional: without a compiler or the headers the install still
-succeeds and vitkit decodes whole JPEGs, as Pillow and torchvision do. Everything else is in pyproject.toml."""
+"""vitkit's two compiled parts, both optional: without a compiler (or libjpeg's headers) the install still succeeds
+and vitkit uses the plain path each one speeds up. Everything else is in pyproject.toml.
+
+- vitkit/data/_jpeg_region.c, the JPEG region decoder, linked to the system's libjpeg-turbo (Debian/Ubuntu:
+  libjpeg-dev); without it vitkit decodes whole JPEGs, as Pillow and torchvision do.
+- vitkit/model/_gelu_tanh.c, the tanh GELU's CPU kernels (AVX2, chosen at run time); without it torch's own run.
+"""
 from setuptools import Extension, setup
 
 setup(
@@ -11,6 +15,13 @@ setup(
             libraries=["jpeg"],
             extra_compile_args=["-O2"],
             optional=True,
-        )
+        ),
+        Extension(
+            "vitkit.model._gelu_tanh",
+            sources=["vitkit/model/_gelu_tanh.c"],
+            extra_compile_args=["-O2", "-pthread"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        ),
     ]
 )

@@ -23,8 +23,8 @@ SAMPLE_DIR = os.path.join(os.path.dirname(skimage.__file__), "data")
 
 def test_region_decoder_is_built():
     # setup.py builds it optionally; without it every JPEG is decoded whole, correct but slower. .ci/run installs the
-    # compiler and headers and sets VITKIT_REQUIRE_JPEG_REGION=1, so there a missing build fails.
-    if folder.decode_region is None and os.environ.get("VITKIT_REQUIRE_JPEG_REGION") != "1":
+    # compiler and headers and sets VITKIT_REQUIRE_EXTENSIONS=1, so there a missing build fails.
+    if folder.decode_region is None and os.environ.get("VITKIT_REQUIRE_EXTENSIONS") != "1":
         pytest.skip("vitkit.data._jpeg_region is not built (no C compiler or libjpeg headers); JPEGs are decoded whole")
     assert folder.decode_region is not None, (
         "vitkit.data._jpeg_region is not built: install a C compiler and libjpeg's headers (Debian: gcc libjpeg-dev), "

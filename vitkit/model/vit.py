@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.errors import VitkitError
+from vitkit.model.gelu import TanhGELU
 from vitkit.model.presets import resolve_preset
 
 _CHOICES = {
@@ -220,7 +221,7 @@ class ViTComponents:
         return nn.LayerNorm(width, eps=arch.ln_eps)
 
     def activation(self, arch: ViTArch) -> nn.Module:
-        return nn.GELU(approximate="tanh" if arch.gelu == "tanh" else "none")
+        return TanhGELU() if arch.gelu == "tanh" else nn.GELU()
 
 
 def resolve_components(components) -> ViTComponents:
