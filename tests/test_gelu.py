@@ -56,6 +56,37 @@ def test_values_and_gradients_match_float64_truth_at_least_as_well_as_torchs_ker
 
 
 @needs_kernel
+def test_the_work_split_over_threads_covers_every_element_once():
+    # Stretches of at least 2^17 elements per thread: 1,000,003 elements give up to 7 stretches and a scalar tail.
+    x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(4)) * 4
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    single_forward, single_backward = torch.empty_like(x), torch.empty_like(x)
+    gelu._gelu_tanh.forward(x.numpy(), single_forward.numpy(), 1)
+    gelu._gelu_tanh.backward(grad.numpy(), x.numpy(), single_backward.numpy(), 1)
+    assert torch.allclose(single_forward, F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
+    for threads in (2, 3, 7, 64):
+        forward, backward = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+        gelu._gelu_tanh.forward(x.numpy(), forward.numpy(), threads)
+        gelu._gelu_tanh.backward(grad.numpy(), x.numpy(), backward.numpy(), threads)
+        assert torch.equal(forward, single_forward) and torch.equal(backward, single_backward)
+
+
+def test_the_kernel_refuses_buffers_it_cannot_read():
+    kernel = gelu._gelu_tanh
+    if kernel is None:
+        pytest.skip("vitkit.model._gelu_tanh is not built")
+    x = torch.randn(16)
+    with pytest.raises(ValueError, match="float32"):
+        kernel.forward(x.double().numpy(), torch.empty(16, dtype=torch.float64).numpy())
+    with pytest.raises(ValueError, match="one length"):
+        kernel.forward(x.numpy(), torch.empty(8).numpy())
+    with pytest.raises(BufferError):
+        kernel.forward(x.numpy(), x.numpy().copy().data.toreadonly())  # the output must be writable
+    with pytest.raises((BufferError, ValueError)):  # numpy's own refusal is a ValueError
+        kernel.forward(x.reshape(4, 4).numpy().T, torch.empty(16).numpy())  # not C-contiguous
+
+
+@needs_kernel
 def test_layouts_shapes_and_modes():
     base = torch.randn(6, 5, 24, generator=torch.Generator().manual_seed(2))
     for x in (base, base.transpose(0, 2), base[:, 1:4, ::3], torch.randn(3), torch.empty(0), torch.tensor(0.7)):
