@@ -9,7 +9,8 @@ normalization and mixup on the device, its AdamW parameter groups); the peer is 
 timm's Mixup and SoftTargetCrossEntropy and torch.optim.AdamW (fused on CUDA as vitkit's), fed already-normalized floats.
 Dropout and stochastic depth are off in both (timm's defaults). Eager against eager and torch.compile against
 torch.compile, in alternating rounds so that a noisy machine hits both alike; each figure is the median over the
-rounds. On CUDA it also reports MFU against the card's dense bf16 peak. Writes benchmarks/results/train.json.
+rounds, beside the median of the per-round ratios. On CUDA it also reports MFU against the card's dense bf16 peak.
+Writes benchmarks/results/train.json.
 """
 from __future__ import annotations
 
@@ -138,7 +139,9 @@ def bench_pair(name: str, mode: str, args, scratch: Path) -> dict:
     result = {"model": name, "mode": mode, "batch": args.batch, "image_size": args.image_size,
               "precision": args.precision, "device": str(ours.device), "warmup_s": warm, "rounds": rounds,
               "timm_img_s": medians["timm"], "vitkit_img_s": medians["vitkit"],
-              "ratio": medians["vitkit"] / medians["timm"]}
+              "ratio": medians["vitkit"] / medians["timm"],
+              # Each round times both sides back to back, under the same load: less drift than the medians' ratio.
+              "median_round_ratio": statistics.median(v / t for v, t in zip(rounds["vitkit"], rounds["timm"]))}
     if ours.device.type == "cuda":
         card = torch.cuda.get_device_name(ours.device)
         peak = next((value for key, value in PEAK_BF16.items() if key in card), None)
@@ -168,7 +171,8 @@ def main() -> int:
     args = parser.parse_args()
 
     results = []
-    header = f"{'model':<18} {'mode':<8} {'batch':>5} {'timm img/s':>11} {'vitkit img/s':>13} {'ratio':>6}"
+    header = (f"{'model':<18} {'mode':<8} {'batch':>5} {'timm img/s':>11} {'vitkit img/s':>13} {'ratio':>6} "
+              f"{'per round':>9}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as scratch:
@@ -179,7 +183,8 @@ def main() -> int:
                 mfu = (f"  MFU vitkit {result['vitkit_mfu']:.1%} timm {result['timm_mfu']:.1%}"
                        if "vitkit_mfu" in result else "")
                 print(f"{name:<18} {mode:<8} {args.batch:>5} {result['timm_img_s']:>11.1f} "
-                      f"{result['vitkit_img_s']:>13.1f} {result['ratio']:>6.2f}{mfu}", flush=True)
+                      f"{result['vitkit_img_s']:>13.1f} {result['ratio']:>6.2f} {result['median_round_ratio']:>9.2f}{mfu}",
+                      flush=True)
                 # After every pair: a run cut short by a time limit keeps what it measured.
                 write_report(args.out, {"machine": machine(), "settings": vars(args), "results": results}, quiet=True)
     print(f"wrote {args.out}")
