@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import TIMM_NAMES, TimmStep, VitkitStep, timed  # noqa: E402
-from benchmark_report import machine, write_report  # noqa: E402
+from benchmark_report import alternating_rounds, machine, median_round_ratio, write_report  # noqa: E402
 
 from vitkit.model import gelu  # noqa: E402
 from vitkit.model.vit import make_arch  # noqa: E402
@@ -85,14 +85,10 @@ def step_rounds(name: str, batch: int, steps: int, rounds: int, scratch: Path) -
             "vitkit, torch's GELU": vitkit_with(False)}
     for run in runs.values():
         run()
-    measured = {label: [] for label in runs}
-    for index in range(rounds):
-        for label in (list(runs) if index % 2 == 0 else list(reversed(runs))):
-            measured[label].append(runs[label]())
+    measured = alternating_rounds(runs, rounds)
     gelu.KERNEL_AVAILABLE = True
-    peer_rounds = measured["timm eager"]
     return {label: {"img_s": statistics.median(values), "rounds": values,
-                    "median_round_ratio_vs_timm": statistics.median(v / p for v, p in zip(values, peer_rounds))}
+                    "median_round_ratio_vs_timm": median_round_ratio(values, measured["timm eager"])}
             for label, values in measured.items()}
 
 

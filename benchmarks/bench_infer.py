@@ -14,6 +14,7 @@ the command, the machine, the versions and every round.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ from vitkit.deploy.quantize import quantize_int8  # noqa: E402
 from vitkit.model.vit import create_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from benchmark_report import machine  # noqa: E402
+from benchmark_report import alternating_rounds, machine, median_round_ratio  # noqa: E402
 
 TIMM_NAMES = {"vit_tiny_patch16": "vit_tiny_patch16_224", "vit_base_patch32": "vit_base_patch32_224"}
 PEER = "timm eager"
@@ -108,17 +109,15 @@ def main() -> int:
                 images = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
                 for label, run in paths.items():  # warm-up: compilation, allocator and thread-pool start
                     run(images)
-                rounds: dict[str, list[float]] = {label: [] for label in paths}
-                for index in range(args.rounds):
-                    order = list(paths) if index % 2 == 0 else list(reversed(paths))
-                    for label in order:
-                        rounds[label].append(images_per_second(paths[label], images, args.min_seconds))
+                rounds = alternating_rounds(
+                    {label: functools.partial(images_per_second, run, images, args.min_seconds)
+                     for label, run in paths.items()},
+                    args.rounds,
+                )
                 peer = statistics.median(rounds[PEER])
                 for label, values in rounds.items():
                     median = statistics.median(values)
-                    # Paths timed next to each other share the machine's load: the per-round ratios see less of
-                    # its drift than the ratio of the medians.
-                    paired = statistics.median(v / p for v, p in zip(values, rounds[PEER]))
+                    paired = median_round_ratio(values, rounds[PEER])
                     results["runs"].append({"model": name, "batch": batch, "path": label, "images_per_s": median,
                                             "ratio_vs_timm_eager": median / peer,
                                             "median_round_ratio_vs_timm_eager": paired, "rounds": values})

@@ -14,13 +14,12 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import TIMM_NAMES, VitkitStep  # noqa: E402
-from benchmark_report import machine, write_report  # noqa: E402
+from bench_train import TIMM_NAMES, VitkitStep, timed  # noqa: E402
+from benchmark_report import alternating_rounds, machine, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,15 +41,16 @@ def main() -> int:
             model = getattr(model, "module", model)
             for _ in range(2):
                 runner.step()
-            rounds = {"class_token_only": [], "every_token": []}
-            for index in range(args.rounds):
-                order = ("class_token_only", "every_token") if index % 2 == 0 else ("every_token", "class_token_only")
-                for setting in order:
-                    model._last_block_class_token_only = (lambda on: lambda: on)(setting == "class_token_only")
-                    started = time.perf_counter()
-                    for _ in range(args.steps):
-                        runner.step()
-                    rounds[setting].append(args.steps * args.batch / (time.perf_counter() - started))
+
+            def with_switch(on: bool):
+                def run():
+                    model._last_block_class_token_only = lambda: on
+                    return timed(runner, args.steps)
+                return run
+
+            rounds = alternating_rounds(
+                {"class_token_only": with_switch(True), "every_token": with_switch(False)}, args.rounds
+            )
             medians = {setting: statistics.median(values) for setting, values in rounds.items()}
             ratio = medians["class_token_only"] / medians["every_token"]
             results.append({"model": name, "batch": args.batch, "rounds": rounds, "img_s": medians, "ratio": ratio})

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmark_report import machine, write_report  # noqa: E402
+from benchmark_report import machine, median_round_ratio, write_report  # noqa: E402
 from vitkit.config import load_config  # noqa: E402
 from vitkit.engine.trainer import Trainer  # noqa: E402
 from vitkit.model.summary import count_macs  # noqa: E402
@@ -140,8 +140,7 @@ def bench_pair(name: str, mode: str, args, scratch: Path) -> dict:
               "precision": args.precision, "device": str(ours.device), "warmup_s": warm, "rounds": rounds,
               "timm_img_s": medians["timm"], "vitkit_img_s": medians["vitkit"],
               "ratio": medians["vitkit"] / medians["timm"],
-              # Each round times both sides back to back, under the same load: less drift than the medians' ratio.
-              "median_round_ratio": statistics.median(v / t for v, t in zip(rounds["vitkit"], rounds["timm"]))}
+              "median_round_ratio": median_round_ratio(rounds["vitkit"], rounds["timm"])}
     if ours.device.type == "cuda":
         card = torch.cuda.get_device_name(ours.device)
         peak = next((value for key, value in PEAK_BF16.items() if key in card), None)

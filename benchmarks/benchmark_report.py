@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from vitkit.fileio import atomic_path
 
@@ -41,6 +43,22 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def alternating_rounds(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each run's measurement over `rounds` rounds, the order reversed every round so that a machine's drift hits
+    every run alike."""
+    measured: dict[str, list[float]] = {label: [] for label in runs}
+    for index in range(rounds):
+        for label in list(runs) if index % 2 == 0 else list(reversed(runs)):
+            measured[label].append(runs[label]())
+    return measured
+
+
+def median_round_ratio(values: list[float], peer: list[float]) -> float:
+    """The median of the per-round ratios: runs measured back to back share the load, so these drift less than the
+    ratio of the medians."""
+    return statistics.median(value / base for value, base in zip(values, peer))
 
 
 def write_report(path: str | Path, report: dict, quiet: bool = False) -> Path:

@@ -29,7 +29,7 @@ class _TanhGeluOnCpu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x)  # x is contiguous, and so is its copy
         _gelu_tanh.forward(_array(x), _array(out), torch.get_num_threads())
         ctx.save_for_backward(x)
         return out
@@ -39,7 +39,7 @@ class _TanhGeluOnCpu(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         grad = grad.contiguous()
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x)  # x is contiguous, and so is its copy
         _gelu_tanh.backward(_array(grad), _array(x), _array(out), torch.get_num_threads())
         return out
 
