@@ -12,8 +12,8 @@ DEMO_CONFIG := configs/fashion_mnist_vit.yml
 
 setup: $(VENV)/.installed
 
-# setup.py builds the JPEG region decoder (C, optional): a change to it or to its source reinstalls.
-$(VENV)/.installed: pyproject.toml setup.py vitkit/data/_jpeg_region.c
+# setup.py builds the JPEG region decoder and the GELU kernel (C, optional): a change to it or to their sources reinstalls.
+$(VENV)/.installed: pyproject.toml setup.py vitkit/data/_jpeg_region.c vitkit/model/_gelu_tanh.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
