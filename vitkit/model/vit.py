@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.errors import VitkitError
-from vitkit.model.cpu_eager import eager_cpu_float32
-from vitkit.model.gelu import TanhGELU, linear_gelu_tanh
+from vitkit.model.gelu import TanhGELU
 from vitkit.model.presets import resolve_preset
 
 _CHOICES = {
@@ -129,30 +128,6 @@ class DropPath(nn.Module):
         return f"rate={self.rate}"
 
 
-def _runs_as_plain_linear(layer: nn.Module) -> bool:
-    """An nn.Linear whose call may be replaced by a fused form: not a subclass, no hooks on it."""
-    return type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
-
-
-def add_linear(residual: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """residual + layer(x). On vitkit's eager float32 CPU path the sum residual + bias is the product's starting
-    value, to which torch.addmm_ adds x W^T: one pass fewer than writing the bias into every output row first and
-    another fewer than adding the residual afterwards."""
-    if (_runs_as_plain_linear(layer) and layer.bias is not None
-            and eager_cpu_float32(residual, x, layer.weight, layer.bias)
-            and residual.shape == x.shape[:-1] + (layer.out_features,)):
-        out = torch.add(residual.reshape(-1, layer.out_features), layer.bias)  # a new tensor, not a view
-        out.addmm_(x.reshape(-1, layer.in_features), layer.weight.t())
-        return out.view(residual.shape)
-    return residual + layer(x)
-
-
-def _idle(dropout: nn.Module) -> bool:
-    """Whether a dropout or stochastic-depth module passes its input through unchanged."""
-    rate = dropout.p if isinstance(dropout, nn.Dropout) else getattr(dropout, "rate", None)
-    return isinstance(dropout, nn.Identity) or (rate is not None and (rate == 0.0 or not dropout.training))
-
-
 class PatchEmbed(nn.Module):
     """Cuts the image into patches and projects each; a strided conv equals the original's per-patch dense layer."""
 
@@ -174,10 +149,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(arch.embed_dim, arch.embed_dim)
         self.proj_drop = nn.Dropout(arch.proj_drop_rate)
 
-    def forward(self, x: torch.Tensor, queries: int | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
         """Self-attention over all tokens; with `queries`, only the first `queries` tokens ask (and get an output),
-        while every token still answers as key and value. With `residual`, returns residual + the attention."""
+        while every token still answers as key and value."""
         batch, tokens, width = x.shape
         heads, head_width = self.num_heads, width // self.num_heads
         if queries is None:
@@ -193,10 +167,7 @@ class Attention(nn.Module):
         dropout = self.attn_drop_rate if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(batch, q.shape[2], width)
-        if residual is not None and _idle(self.proj_drop):
-            return add_linear(residual, x, self.proj)
-        out = self.proj_drop(self.proj(x))
-        return out if residual is None else residual + out
+        return self.proj_drop(self.proj(x))
 
 
 class Mlp(nn.Module):
@@ -208,17 +179,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(arch.mlp_dim, arch.embed_dim)
         self.drop2 = nn.Dropout(arch.mlp_drop_rate)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The MLP of x; with `residual`, residual + the MLP of x."""
-        if type(self.act) is TanhGELU and _runs_as_plain_linear(self.fc1) and not self.act._forward_hooks:
-            hidden = linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias)  # the bias added by the GELU kernel
-        else:
-            hidden = self.act(self.fc1(x))
-        hidden = self.drop1(hidden)
-        if residual is not None and _idle(self.drop2):
-            return add_linear(residual, hidden, self.fc2)
-        out = self.drop2(self.fc2(hidden))
-        return out if residual is None else residual + out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):
@@ -236,22 +198,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, keep_tokens: int | None = None) -> torch.Tensor:
         """The block over all tokens; with `keep_tokens`, the output of only the first `keep_tokens` tokens (their
         attention still reads every token), for when nothing else is read from the block."""
-        residual = x if keep_tokens is None else x[:, :keep_tokens]
-        queries = {} if keep_tokens is None else {"queries": keep_tokens}  # a swapped-in attention may not take it
-        if self._adds_residuals_inside():
-            x = self.attn(self.norm1(x), residual=residual, **queries)
-            return self.mlp(self.norm2(x), residual=x)
-        x = residual + self.drop_path1(self.attn(self.norm1(x), **queries))
+        if keep_tokens is None:
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+        else:
+            x = x[:, :keep_tokens] + self.drop_path1(self.attn(self.norm1(x), queries=keep_tokens))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-    def _adds_residuals_inside(self) -> bool:
-        """Whether the stock attention and MLP may add the residual themselves (saving passes over the tokens; see
-        add_linear): stochastic depth must be idle, and swapped-in parts with their own forward get the sum here."""
-        return (
-            _idle(self.drop_path1) and _idle(self.drop_path2)
-            and isinstance(self.attn, Attention) and type(self.attn).forward is Attention.forward
-            and isinstance(self.mlp, Mlp) and type(self.mlp).forward is Mlp.forward
-        )
 
 
 class ViTComponents:
