@@ -6,7 +6,7 @@
 #    same settings, ViT-B/32 and ViT-B/16, images/s and MFU (bench_train.py).
 # 2. End to end from a JPEG folder (`vitkit train`, loader workers decoding and cropping on the CPU) against the
 #    synthetic rate of step 1: the data pipeline must not be the bottleneck.
-# 3. Inference images/s, bf16, compiled, against timm compiled.
+# 3. Inference images/s, bf16, compiled, against timm compiled (alternating rounds).
 # DEVICE=cpu BATCH=4 IMAGES_PER_CLASS=4 COPIES=1 PRECISION=fp32 runs the same steps on a CPU as a smoke test of
 # the script itself.
 set -uo pipefail
@@ -76,30 +76,33 @@ import torch
 from vitkit.model.vit import create_model
 device, batch, precision = torch.device(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-def rate(model, images, rounds=5, steps=10):
+def rates(models, images, rounds=5, steps=10):
+    """Median images/s of each model, in alternating rounds so that drift hits them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {key: [] for key in models}
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for _ in range(3):
-            model(images)
-        results = []
-        for _ in range(rounds):
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            started = time.perf_counter()
-            for _ in range(steps):
+        for model in models.values():
+            for _ in range(3):  # compiles
                 model(images)
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            results.append(steps * images.shape[0] / (time.perf_counter() - started))
-    return statistics.median(results)
+        for _ in range(rounds):
+            for key, model in models.items():
+                sync()
+                started = time.perf_counter()
+                for _ in range(steps):
+                    model(images)
+                sync()
+                results[key].append(steps * images.shape[0] / (time.perf_counter() - started))
+    return {key: statistics.median(values) for key, values in results.items()}
 try:
     import timm
 except ImportError:
     timm = None
 for name in ("vit_base_patch32", "vit_base_patch16"):
     images = torch.randn(batch, 3, 224, 224, device=device)
-    ours = create_model(name, num_classes=1000).to(device).eval()
-    rows = {"vitkit compile": rate(torch.compile(ours), images)}
+    models = {"vitkit compile": torch.compile(create_model(name, num_classes=1000).to(device).eval())}
     if timm is not None:
-        peer = timm.create_model(f"{name}_224", num_classes=1000).to(device).eval()
-        rows["timm compile"] = rate(torch.compile(peer), images)
+        models["timm compile"] = torch.compile(timm.create_model(f"{name}_224", num_classes=1000).to(device).eval())
+    rows = rates(models, images)
     line = ", ".join(f"{key} {value:.0f} img/s" for key, value in rows.items())
     if timm is not None:
         line += f"; compiled ratio {rows['vitkit compile'] / rows['timm compile']:.2f}"
