@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.errors import VitkitError
+from vitkit.model.cpu_attention import self_attention
 from vitkit.model.gelu import TanhGELU
 from vitkit.model.presets import resolve_preset
 
@@ -154,9 +155,9 @@ class Attention(nn.Module):
         while every token still answers as key and value."""
         batch, tokens, width = x.shape
         heads, head_width = self.num_heads, width // self.num_heads
+        dropout = self.attn_drop_rate if self.training else 0.0
         if queries is None:
-            qkv = self.qkv(x).reshape(batch, tokens, 3, heads, head_width).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            x = self_attention(self.qkv(x).reshape(batch, tokens, 3, heads, head_width), dropout)
         else:
             # The fused projection split by rows: queries for the first tokens only, keys and values for all.
             weight, bias = self.qkv.weight, self.qkv.bias
@@ -164,9 +165,7 @@ class Attention(nn.Module):
             q = q.reshape(batch, queries, heads, head_width).transpose(1, 2)
             kv = F.linear(x, weight[width:], None if bias is None else bias[width:])
             k, v = kv.reshape(batch, tokens, 2, heads, head_width).permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.attn_drop_rate if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        x = x.transpose(1, 2).reshape(batch, q.shape[2], width)
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).reshape(batch, queries, width)
         return self.proj_drop(self.proj(x))
 
 
