@@ -143,7 +143,10 @@ def test_class_token_pooling_computes_only_the_class_token_in_the_last_block(qkv
         full, full_grads = _logits_and_grads(model, images, every_token)
         torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
         for name, grad in full_grads.items():
-            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            # float32 sums in another order differ by up to about 1e-6 of the tensor's largest gradient (8e-7 seen
+            # on torch 2.11 and 2.14); a wrong token or weight would differ by the gradients themselves.
+            scale = grad.abs().max().item()
+            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
     # The last block really shrank to one token: its MLP saw (batch, 1, width).
     seen = []
     model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
