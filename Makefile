@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA := data/fashion-mnist
 DEMO_CONFIG := configs/fashion_mnist_vit.yml
 
-.PHONY: setup demo test bench-data clean
+.PHONY: setup demo test test-oldest-torch bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ $(DEMO_DATA)/.complete: | setup
 test: setup
 	$(PY) -m pytest -q
 
+# The same suite on the oldest PyTorch that pyproject.toml allows (torch>=2.11), in a venv of its own.
+OLDEST_TORCH_PINS ?= torch==2.11.0 torchvision==0.26.0
+OLDEST_VENV := .venv-oldest-torch
+test-oldest-torch:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST_TORCH_PINS)
+	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[test,deploy]'
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
 # Data-pipeline throughput against torchvision's standard pipeline on ImageNet-like JPEGs made from real photos.
 BENCH_JPEGS := data/bench-jpegs
 bench-data: setup
@@ -42,4 +51,4 @@ bench-data: setup
 	$(PY) benchmarks/bench_data.py $(BENCH_JPEGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache
