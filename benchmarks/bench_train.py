@@ -72,9 +72,12 @@ class VitkitStep:
         ]
         self.trainer = Trainer(load_config(None, overrides))
         self.trainer.train_model.train()
+        self.device = self.trainer.device
+        # A batch as the loader hands it over: uint8 in host memory, pinned where there is a GPU to copy it to.
         self.images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
         self.labels = torch.randint(0, 1000, (batch,))
-        self.device = self.trainer.device
+        if self.device.type == "cuda":
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
 
     def step(self) -> None:
         self.trainer._train_step(self.images, self.labels)
@@ -119,11 +122,11 @@ def timed(runner, steps: int) -> float:
     return steps * runner.images.shape[0] / (time.perf_counter() - started)
 
 
-def bench_pair(name: str, mode: str, args, scratch: Path) -> dict:
+def bench_pair(name: str, mode: str, batch: int, args, scratch: Path) -> dict:
     compile_model = mode == "compile"
     torch.manual_seed(0)
-    ours = VitkitStep(name, args.batch, args.image_size, args.device, args.precision, compile_model, scratch / name)
-    peer = TimmStep(name, args.batch, args.image_size, ours.device, args.precision, compile_model)
+    ours = VitkitStep(name, batch, args.image_size, args.device, args.precision, compile_model, scratch / name)
+    peer = TimmStep(name, batch, args.image_size, ours.device, args.precision, compile_model)
     warm = {}
     for label, runner in (("timm", peer), ("vitkit", ours)):
         started = time.perf_counter()
@@ -136,7 +139,7 @@ def bench_pair(name: str, mode: str, args, scratch: Path) -> dict:
         for label, runner in (("timm", peer), ("vitkit", ours)):
             rounds[label].append(timed(runner, args.steps))
     medians = {label: statistics.median(values) for label, values in rounds.items()}
-    result = {"model": name, "mode": mode, "batch": args.batch, "image_size": args.image_size,
+    result = {"model": name, "mode": mode, "batch": batch, "image_size": args.image_size,
               "precision": args.precision, "device": str(ours.device), "warmup_s": warm, "rounds": rounds,
               "timm_img_s": medians["timm"], "vitkit_img_s": medians["vitkit"],
               "ratio": medians["vitkit"] / medians["timm"],
@@ -159,7 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit_tiny_patch16", "vit_base_patch32"], choices=list(TIMM_NAMES))
     parser.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="one for all models, or one per model")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -168,6 +171,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per side")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = parser.parse_args()
+    if len(args.batch) not in (1, len(args.models)):
+        parser.error(f"--batch takes one size or one per model ({len(args.models)})")
+    batches = dict(zip(args.models, args.batch * len(args.models) if len(args.batch) == 1 else args.batch))
 
     results = []
     header = (f"{'model':<18} {'mode':<8} {'batch':>5} {'timm img/s':>11} {'vitkit img/s':>13} {'ratio':>6} "
@@ -177,11 +183,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
             for mode in args.modes:
-                result = bench_pair(name, mode, args, Path(scratch))
+                result = bench_pair(name, mode, batches[name], args, Path(scratch))
                 results.append(result)
                 mfu = (f"  MFU vitkit {result['vitkit_mfu']:.1%} timm {result['timm_mfu']:.1%}"
                        if "vitkit_mfu" in result else "")
-                print(f"{name:<18} {mode:<8} {args.batch:>5} {result['timm_img_s']:>11.1f} "
+                print(f"{name:<18} {mode:<8} {batches[name]:>5} {result['timm_img_s']:>11.1f} "
                       f"{result['vitkit_img_s']:>13.1f} {result['ratio']:>6.2f} {result['median_round_ratio']:>9.2f}{mfu}",
                       flush=True)
                 # After every pair: a run cut short by a time limit keeps what it measured.

@@ -173,3 +173,9 @@ def test_models_over_two_gigabytes_are_refused_as_onnx(tmp_path, monkeypatch):
     with pytest.raises(VitkitError, match="2 GB single-file limit: export it as PT2"):
         export_model(model, tmp_path / "model.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    model = vitkit.create_model("vit_tiny_patch16", **TINY_ARCH).train()
+    export_model(model, tmp_path / "m.pt2", "PT2")
+    assert model.training  # the caller's training loop goes on with dropout as it was

@@ -125,3 +125,13 @@ def test_real_export_matches_the_idx_bytes(tmp_path):
         assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
         assert pixels.min() < pixels.max()
         assert np.array_equal(pixels, images[int(Path(path).stem)])
+
+
+def test_the_data_command_reads_the_idx_files_from_a_given_source(tmp_path, tiny_source, capsys):
+    from vitkit.cli import main
+
+    assert main(["data", "fashion-mnist", str(tmp_path / "out"), "--source", str(tiny_source)]) == 0
+    assert "12 training images" in capsys.readouterr().out
+    assert png_count(tmp_path / "out" / "val") == 6
+    assert main(["data", "fashion-mnist", str(tmp_path / "other"), "--source", str(tmp_path / "gone")]) == 2
+    assert "vitkit: error: Fashion-MNIST not found in" in capsys.readouterr().err

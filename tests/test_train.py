@@ -222,3 +222,12 @@ def test_profiler_writes_a_trace_and_says_where(tiny_dataset, tmp_path, capsys):
     train(tiny_config(tiny_dataset, out, "--open_profiler=1", "--max_epoch=1", "--batch_size=4"))
     assert (out / "profile_rank0.json").is_file()
     assert "profiler trace written to" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_a_loss_scaler_resumes_into_fp16(tiny_dataset, tmp_path):
+    # A bf16 (or fp32) run's scaler is off and saves an empty state; an fp16 resume starts its own at loss_scale.
+    Trainer(tiny_config(tiny_dataset, tmp_path / "run", "--train.precision=bf16", "--max_epoch=1")).fit()
+    trainer = Trainer(tiny_config(tiny_dataset, tmp_path / "run", "--train.precision=fp16", "--max_epoch=2",
+                                  "--train.resume=auto", "--loss_scale=512"))
+    assert trainer.progress.epoch == 1 and trainer.scaler.get_scale() == 512.0
+    assert trainer.fit()["global_step"] == 8

@@ -95,7 +95,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from vitkit.data.fashion_mnist import write_fashion_mnist
 
-    summary = write_fashion_mnist(args.out, limit_per_split=args.limit)
+    source = {"source_dir": args.source} if args.source else {}
+    summary = write_fashion_mnist(args.out, limit_per_split=args.limit, **source)
     print(f"Fashion-MNIST in {summary['out_dir']}: {summary['train']} training images in train/, "
           f"{summary['val']} validation images in val/, {len(summary['classes'])} classes")
     return 0
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("dataset", choices=["fashion-mnist"], help="the dataset (from the Debian package dataset-fashion-mnist)")
     data.add_argument("out", help="output folder; gets train/ and val/")
     data.add_argument("--limit", type=int, default=None, help="at most this many images per class and split")
+    data.add_argument("--source", default=None,
+                      help="folder of the four IDX .gz files (default: where the Debian package puts them)")
     data.set_defaults(run=_cmd_data)
 
     convert = commands.add_parser("convert", help="re-save any checkpoint vitkit reads (.safetensors, .pth, .ckpt out)")

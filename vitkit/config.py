@@ -103,6 +103,10 @@ class DataConfig:
     randaugment_ops: int = _option(2, "operations per image when augment is randaugment", ge=0)
     randaugment_magnitude: int = _option(9, "strength of each randaugment operation, 0 to 30", ge=0, le=30)
     random_erasing: float = _option(0.0, "probability of erasing a random rectangle", ge=0, le=1)
+    decode_on: str = _option(
+        "workers", "where training JPEGs are decoded: the loader workers (CPU), or the training device (nvJPEG on a "
+        "CUDA GPU; random resized crop and flip only, no augment policy or erasing)", choices=("workers", "device"),
+    )
     mixup: float = _option(0.2, "MixUp Beta(alpha, alpha) alpha, one draw per batch; 0 disables", flat="mixup", ge=0)
     cutmix: float = _option(0.0, "CutMix Beta alpha (the original has none); 0 disables", ge=0)
 
@@ -153,7 +157,10 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    precision: str = _option("fp32", "compute precision (parameters stay fp32)", choices=("fp32", "bf16", "fp16"))
+    precision: str = _option(
+        "auto", "compute precision (parameters stay fp32); auto: bf16 on a GPU that has it, else fp16 with the "
+        "dynamic loss scaler, fp32 on the CPU", choices=("auto", "fp32", "bf16", "fp16"),
+    )
     loss_scale: float = _option(1024.0, "initial fp16 loss scale (fixed in the original)", flat="loss_scale", gt=0)
     seed: int = _option(1, "seed for init, shuffling and augmentation", ge=0)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N")

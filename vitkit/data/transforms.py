@@ -210,7 +210,7 @@ def _normalization_constants(device: torch.device, normalization: str) -> tuple[
 def normalize_batch(
     images: torch.Tensor, dtype: torch.dtype = torch.float32, normalization: str = "imagenet"
 ) -> torch.Tensor:
-    """(x - mean) / std per channel for uint8 (B, 3, H, W) or (3, H, W) images, on the images' device, as a
+    """(x - mean) / std per channel for uint8 (or float, 0-255) (B, 3, H, W) or (3, H, W) images, on the images' device, as a
     contiguous (planar) tensor whatever the images' memory layout.
 
     `normalization` picks mean and std: 'imagenet' (the original's) or 'inception' (0.5 and 0.5 on the 0-1 scale).

@@ -134,8 +134,19 @@ def export_model(
     dynamic_batch: bool = False,
     dynamic_image_size: bool = False,
 ) -> ExportResult:
-    """Write `model` to `path` as ONNX or PT2, after checking the written file against the model."""
-    model = model.cpu().eval()
+    """Write `model` to `path` as ONNX or PT2, after checking the written file against the model. The export runs on
+    the CPU in eval mode; the caller's model is then put back on its device and in its mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        return _export_on_cpu(model.cpu().eval(), path, file_format, card, batch_size, opset, dynamic_batch,
+                              dynamic_image_size)
+    finally:
+        model.to(device).train(was_training)
+
+
+def _export_on_cpu(model: VisionTransformer, path, file_format: str, card: ModelCard | None, batch_size: int,
+                   opset: int, dynamic_batch: bool, dynamic_image_size: bool) -> ExportResult:
     arch = model.arch
     if dynamic_image_size and arch.pos_embed != "learn":
         raise VitkitError(

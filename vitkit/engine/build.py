@@ -28,8 +28,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` as the original meant its reduced precision: bf16 autocast on a GPU with bf16 matrix units, fp16 (with
+    the dynamic loss scaler) on an older GPU, fp32 on the CPU, whose bf16 matrix products are slower than fp32 ones
+    on most processors. Any other value is kept as given."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
 def autocast_context(precision: str, device: torch.device):
-    """bf16/fp16 autocast for the forward pass; fp32 runs as written."""
+    """bf16/fp16 autocast for the forward pass; fp32 runs as written. `precision` is resolved (not `auto`)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from vitkit.data.folder import ImageFolderDataset, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.data.transforms import eval_transform, normalize_batch
-from vitkit.engine.build import autocast_context, pick_device, warn_on_other_normalization
+from vitkit.engine.build import autocast_context, pick_device, resolve_precision, warn_on_other_normalization
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.engine.distributed import setup_distributed
 from vitkit.errors import VitkitError
@@ -95,4 +95,5 @@ def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str
     sampler = ShardSampler(len(samples), rank=context.rank, world_size=context.world_size, shuffle=False, pad=False)
     workers = usable_workers(cfg.eval.num_workers, context.local_world_size)
     loader = build_loader(dataset, sampler, cfg.eval.batch_size, workers, drop_last=False)
-    return evaluate(model, loader, device, cfg.train.precision, cfg.data.normalization), model_path
+    precision = resolve_precision(cfg.train.precision, device)
+    return evaluate(model, loader, device, precision, cfg.data.normalization), model_path

@@ -12,12 +12,13 @@ import torch.distributed as dist
 from torch import nn
 
 from vitkit.config import Config, config_to_dict, to_flat
+from vitkit.data.device_decode import EncodedCropDataset, collate_encoded, decode_batch
 from vitkit.data.folder import ImageFolderDataset, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.data.mixup import BatchMixer
 from vitkit.data.transforms import eval_transform, normalize_batch, train_transform
 from vitkit.engine import checkpoint as ckpt
-from vitkit.engine.build import autocast_context, build_model, load_pretrained, pick_device
+from vitkit.engine.build import autocast_context, build_model, load_pretrained, pick_device, resolve_precision
 from vitkit.engine.distributed import DistContext, setup_distributed, wrap_model
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.losses import build_loss
@@ -55,6 +56,7 @@ class Trainer:
         self.cfg = cfg
         self.dist: DistContext = setup_distributed(cfg.distributed, cfg.train.device)
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.output_dir = Path(cfg.checkpoint.output_dir)
         self.is_main = self.dist.rank == 0
         # torchrun --max-restarts starts the same command again after a process died: it continues this job from
@@ -92,14 +94,14 @@ class Trainer:
                 f"validation classes differ from training classes ({len(val_classes)} vs {len(self.class_names)} folders): "
                 "give train and val the same class folders"
             )
-        self.train_set = ImageFolderDataset(
-            train_samples,
-            train_transform(cfg.model.image_size, crop_min=data.crop_min, interpolation=data.interpolation,
-                            augment=data.augment, randaugment_ops=data.randaugment_ops,
-                            randaugment_magnitude=data.randaugment_magnitude, random_erasing=data.random_erasing,
-                            random_crop=data.random_crop, normalization=data.normalization),
-            seed=cfg.train.seed,
-        )
+        transform = train_transform(cfg.model.image_size, crop_min=data.crop_min, interpolation=data.interpolation,
+                                    augment=data.augment, randaugment_ops=data.randaugment_ops,
+                                    randaugment_magnitude=data.randaugment_magnitude,
+                                    random_erasing=data.random_erasing, random_crop=data.random_crop,
+                                    normalization=data.normalization)
+        self.decode_on_device = data.decode_on == "device"
+        dataset_class = EncodedCropDataset if self.decode_on_device else ImageFolderDataset
+        self.train_set = dataset_class(train_samples, transform, seed=cfg.train.seed)
         self.train_sampler = ShardSampler(len(train_samples), rank=self.dist.rank, world_size=self.dist.world_size,
                                           shuffle=True, seed=cfg.train.seed, pad=True)
         self.steps_per_epoch = len(self.train_sampler) // data.batch_size
@@ -109,7 +111,8 @@ class Trainer:
                 f"process: lower data.batch_size"
             )
         self.train_loader = build_loader(self.train_set, self.train_sampler, data.batch_size,
-                                         self._workers(data.num_workers), drop_last=True)
+                                         self._workers(data.num_workers), drop_last=True,
+                                         collate_fn=collate_encoded if self.decode_on_device else None)
         val_set = ImageFolderDataset(val_samples, eval_transform(cfg.eval.image_size, interpolation=data.interpolation,
                                                                  resize_size=cfg.eval.resize_size or None),
                                      seed=cfg.train.seed)
@@ -131,8 +134,7 @@ class Trainer:
             skipped = load_pretrained(self.model, cfg.model.pretrained, normalization=cfg.data.normalization)
             note = f" (left freshly initialised: {', '.join(skipped)})" if skipped else ""
             self.log.info(f"loaded pretrained weights from {cfg.model.pretrained}{note}")
-        self.train_model = wrap_model(self.model, self.dist, self.device, cfg.distributed.strategy,
-                                      cfg.train.precision)
+        self.train_model = wrap_model(self.model, self.dist, self.device, cfg.distributed.strategy, self.precision)
         if cfg.train.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -150,7 +152,7 @@ class Trainer:
         self.mixer = BatchMixer(cfg.model.num_classes, mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
                                 generator=self.mix_generator)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.train.loss_scale,
-                                           enabled=cfg.train.precision == "fp16")
+                                           enabled=self.precision == "fp16")
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def _state(self, stem: str) -> tuple[dict, dict]:
@@ -201,7 +203,8 @@ class Trainer:
             ckpt.load_shards(path.parent, state["shards"], self.model, self.optimizer)
         else:
             ckpt.restore_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run that wrote it had no scaler (fp32, bf16): this one starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = self._position_for_this_world(path, Progress(**state["progress"]))
         torch.set_rng_state(state["rng"]["torch"])
@@ -251,7 +254,7 @@ class Trainer:
             images, targets = self.mixer(images, labels)
         else:
             targets = labels
-        with autocast_context(self.cfg.train.precision, self.device):
+        with autocast_context(self.precision, self.device):
             logits = self.train_model(images)
         loss = logits.float().sum() * 0.0 if empty else self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,6 +290,10 @@ class Trainer:
         for images, labels, _, failed in self.train_loader:
             if progress.step_in_epoch >= steps_total:
                 break
+            if self.decode_on_device:
+                size = (self.cfg.model.image_size,) * 2
+                images, labels, unreadable = decode_batch(images, labels, self.device, size)
+                failed += unreadable
             if images.shape[0] or self.dist.world_size > 1:
                 loss_sum += self._train_step(images, labels)
             else:
@@ -334,6 +341,7 @@ class Trainer:
         # rank's file shows its own epoch times.
         self.log.args(to_flat(cfg))
         self.log.info("compile time used=0.00s")
+        self.log.info(f"device {self.device}, precision {self.precision} (train.precision={cfg.train.precision})")
         run_started = time.perf_counter()
         profiler = self._start_profiler()
         while progress.epoch < cfg.schedule.max_epoch:
@@ -352,8 +360,7 @@ class Trainer:
             improved = False
             if self._should_evaluate(epoch):
                 eval_started = time.perf_counter()
-                result = evaluate(self.model, self.val_loader, self.device, cfg.train.precision,
-                                  cfg.data.normalization)
+                result = evaluate(self.model, self.val_loader, self.device, self.precision, cfg.data.normalization)
                 eval_cost = time.perf_counter() - eval_started
                 accuracy = result.top1
                 record.update(accuracy=result.top1, top5=result.top5, eval_images=result.total, eval_cost=eval_cost)
