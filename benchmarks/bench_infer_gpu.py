@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmark_report import alternating_rounds, machine, median_round_ratio, write_report  # noqa: E402
+from benchmark_report import alternating_rounds, batch_per_model, machine, median_round_ratio, write_report  # noqa: E402
 from bench_train import TIMM_NAMES  # noqa: E402
 from vitkit.model.vit import create_model  # noqa: E402
 
@@ -124,9 +124,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infer_gpu.json"))
     args = parser.parse_args()
-    if len(args.batch) not in (1, len(args.models)):
-        parser.error(f"--batch takes one size or one per model ({len(args.models)})")
-    batches = dict(zip(args.models, args.batch * len(args.models) if len(args.batch) == 1 else args.batch))
+    batches = batch_per_model(parser, args.models, args.batch)
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmark_report import machine, median_round_ratio, write_report  # noqa: E402
+from benchmark_report import batch_per_model, machine, median_round_ratio, write_report  # noqa: E402
 from vitkit.config import load_config  # noqa: E402
 from vitkit.engine.trainer import Trainer  # noqa: E402
 from vitkit.model.summary import count_macs  # noqa: E402
@@ -171,9 +171,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per side")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = parser.parse_args()
-    if len(args.batch) not in (1, len(args.models)):
-        parser.error(f"--batch takes one size or one per model ({len(args.models)})")
-    batches = dict(zip(args.models, args.batch * len(args.models) if len(args.batch) == 1 else args.batch))
+    batches = batch_per_model(parser, args.models, args.batch)
 
     results = []
     header = (f"{'model':<18} {'mode':<8} {'batch':>5} {'timm img/s':>11} {'vitkit img/s':>13} {'ratio':>6} "

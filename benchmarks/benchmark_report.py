@@ -61,6 +61,13 @@ def median_round_ratio(values: list[float], peer: list[float]) -> float:
     return statistics.median(value / base for value, base in zip(values, peer))
 
 
+def batch_per_model(parser, models: list[str], batches: list[int]) -> dict[str, int]:
+    """`--batch` as one size for every model or one per model, as a {model: batch} map."""
+    if len(batches) not in (1, len(models)):
+        parser.error(f"--batch takes one size or one per model ({len(models)})")
+    return dict(zip(models, batches * len(models) if len(batches) == 1 else batches))
+
+
 def write_report(path: str | Path, report: dict, quiet: bool = False) -> Path:
     """The JSON beside the printed table, with the command line that produced it first."""
     path = Path(path)

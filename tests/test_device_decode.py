@@ -49,9 +49,10 @@ def test_device_decoded_batch_matches_the_workers_plain_path(tmp_path):
     transform = train_transform(SIZE, crop_min=0.08, augment="none")
     dataset = EncodedCropDataset(samples, transform, seed=5)
     dataset.set_epoch(3)
-    items, labels, _, failed = collate_encoded([dataset[i] for i in range(len(dataset))])
-    assert failed == 0 and all(isinstance(item, EncodedCrop) for item in items)
-    images, kept_labels, unreadable = decode_batch(items, labels, torch.device("cpu"), (SIZE, SIZE))
+    assert all(isinstance(dataset[i][0], EncodedCrop) for i in range(len(dataset)))
+    batch, labels, _, failed = collate_encoded([dataset[i] for i in range(len(dataset))])
+    assert failed == 0 and batch.positions.tolist() == list(range(len(samples))) and not batch.decoded
+    images, kept_labels, unreadable = decode_batch(batch, labels, torch.device("cpu"), (SIZE, SIZE))
     assert unreadable == 0 and images.shape == (len(samples), 3, SIZE, SIZE) and images.dtype == torch.float32
     assert torch.equal(kept_labels, labels)
     flips = 0
@@ -60,7 +61,7 @@ def test_device_decoded_batch_matches_the_workers_plain_path(tmp_path):
         diff = (images[i].round().int() - expected.int()).abs()
         # Same box, same decoder (libjpeg); only the resize's rounding differs (float here, fixed-point uint8 there).
         assert diff.max() <= 1, f"sample {i}"
-        flips += items[i].flip
+        flips += bool(batch.flips[i])
     assert 0 < flips < len(samples)  # both branches of the flip were exercised
 
 
@@ -72,13 +73,17 @@ def test_pngs_and_unreadable_jpegs_in_a_device_decoded_batch(tmp_path):
     truncated.write_bytes(data[: len(data) // 2])  # header readable, scan cut: the batched decode fails
     samples, _ = list_image_folder(root)
     dataset = EncodedCropDataset(samples, train_transform(SIZE, augment="none"), seed=0)
-    items, labels, _, _ = collate_encoded([dataset[i] for i in range(len(dataset))])
-    assert sum(not isinstance(item, EncodedCrop) for item in items) == 1
+    batch, labels, _, _ = collate_encoded([dataset[i] for i in range(len(dataset))])
+    png_place = [i for i, (path, _) in enumerate(samples) if path.endswith(".png")]
+    assert [place for place, _ in batch.decoded] == png_place and len(batch.positions) == len(samples) - 1
     with pytest.warns(UserWarning, match="unreadable"):
-        images, kept_labels, unreadable = decode_batch(items, labels, torch.device("cpu"), (SIZE, SIZE))
+        images, kept_labels, unreadable = decode_batch(batch, labels, torch.device("cpu"), (SIZE, SIZE))
     assert unreadable == 1 and images.shape[0] == len(samples) - 1
     bad = [i for i, (path, _) in enumerate(samples) if path.endswith("truncated.jpg")][0]
     assert torch.equal(kept_labels, torch.cat([labels[:bad], labels[bad + 1:]]))
+    # The worker-decoded PNG keeps its place (after the dropped JPEG, if that came first) and its pixels.
+    png_at = png_place[0] - (bad < png_place[0])
+    assert torch.equal(images[png_at], batch.decoded[0][1].float())
 
 
 def test_training_with_device_decoding(tmp_path):
@@ -101,9 +106,9 @@ def test_nvjpeg_batch_matches_the_cpu_decoded_batch(tmp_path):
     root = _photo_folder(tmp_path / "train")
     samples, _ = list_image_folder(root)
     dataset = EncodedCropDataset(samples, train_transform(SIZE, crop_min=0.08, augment="none"), seed=2)
-    items, labels, _, _ = collate_encoded([dataset[i] for i in range(len(dataset))])
-    on_cpu, _, _ = decode_batch(items, labels, torch.device("cpu"), (SIZE, SIZE))
-    on_gpu, gpu_labels, unreadable = decode_batch(items, labels.cuda(), torch.device("cuda"), (SIZE, SIZE))
+    batch, labels, _, _ = collate_encoded([dataset[i] for i in range(len(dataset))])
+    on_cpu, _, _ = decode_batch(batch, labels, torch.device("cpu"), (SIZE, SIZE))
+    on_gpu, gpu_labels, unreadable = decode_batch(batch, labels.cuda(), torch.device("cuda"), (SIZE, SIZE))
     assert unreadable == 0 and on_gpu.is_cuda and torch.equal(gpu_labels.cpu(), labels)
     diff = (on_gpu.cpu() - on_cpu).abs()
     # nvJPEG's IDCT and chroma upsampling are not libjpeg's: a few levels apart, the same picture.

@@ -18,7 +18,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
@@ -31,9 +30,21 @@ from vitkit.errors import VitkitError
 class EncodedCrop(NamedTuple):
     """A JPEG still encoded, and where its training crop lies: (left, top, right, bottom) in source pixels."""
 
-    data: torch.Tensor  # uint8, 1-D
+    data: np.ndarray  # uint8, 1-D
     box: tuple[int, int, int, int]
     flip: bool
+
+
+class EncodedBatch(NamedTuple):
+    """A batch's JPEGs as one byte buffer, so that a worker hands over one shared-memory block per batch rather than
+    one per image (each costs a file descriptor and a mapping on both sides), and the pinning thread pins one."""
+
+    data: torch.Tensor  # uint8: every JPEG's bytes, one after another
+    lengths: torch.Tensor  # int64 (N,): each JPEG's byte count
+    boxes: torch.Tensor  # int64 (N, 4): left, top, right, bottom
+    flips: torch.Tensor  # bool (N,)
+    positions: torch.Tensor  # int64 (N,): each JPEG's place in the batch
+    decoded: list  # [(place in the batch, uint8 (3, S, S) image)] of the files the workers decoded
 
 
 def device_stages(transform: v2.Compose) -> tuple[v2.Transform, float]:
@@ -73,58 +84,80 @@ class EncodedCropDataset(ImageFolderDataset):
         finally:
             generator.set_state(saved)
         box, _ = _resize_geometry(self._first, params, *size)
-        return EncodedCrop(torch.from_numpy(data), tuple(int(v) for v in box), flip)
+        return EncodedCrop(data, tuple(int(v) for v in box), flip)
 
 
-def collate_encoded(batch: Sequence[tuple]) -> tuple[list, torch.Tensor, torch.Tensor, int]:
-    """(items, labels, indices, unreadable count); items are EncodedCrops or decoded (3, S, S) uint8 images."""
+def collate_encoded(batch: Sequence[tuple]) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor, int]:
+    """(EncodedBatch, labels, indices, unreadable count) of dataset items that are EncodedCrops or decoded images."""
     kept = [sample for sample in batch if sample[0] is not None]
+    items = [item for item, _, _ in kept]
+    places = [place for place, item in enumerate(items) if isinstance(item, EncodedCrop)]
+    encoded = [items[place] for place in places]
+    data = np.concatenate([item.data for item in encoded]) if encoded else np.empty(0, dtype=np.uint8)
+    batch_out = EncodedBatch(
+        data=torch.from_numpy(data),
+        lengths=torch.tensor([len(item.data) for item in encoded], dtype=torch.int64),
+        boxes=torch.tensor([item.box for item in encoded], dtype=torch.int64).reshape(-1, 4),
+        flips=torch.tensor([item.flip for item in encoded], dtype=torch.bool),
+        positions=torch.tensor(places, dtype=torch.int64),
+        decoded=[(place, item) for place, item in enumerate(items) if not isinstance(item, EncodedCrop)],
+    )
     labels = torch.tensor([label for _, label, _ in kept], dtype=torch.int64)
     indices = torch.tensor([index for _, _, index in kept], dtype=torch.int64)
-    return [item for item, _, _ in kept], labels, indices, len(batch) - len(kept)
+    return batch_out, labels, indices, len(batch) - len(kept)
 
 
-def _decode_all(encoded: list[EncodedCrop], device: torch.device) -> list[torch.Tensor | None]:
+def _decode_all(streams: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """(3, H, W) uint8 images on `device`: one batched decode, else one by one on the CPU (None: unreadable)."""
-    if not encoded:
+    if not streams:
         return []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's note on TorchCodec
-            return list(decode_jpeg([item.data for item in encoded], mode=ImageReadMode.RGB, device=device))
+            return list(decode_jpeg(streams, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
         pass  # one bad stream fails the whole batched call: find it image by image
     images = []
-    for item in encoded:
+    for stream in streams:
         try:
-            images.append(decode_rgb(item.data.numpy()).to(device, non_blocking=True))
+            images.append(decode_rgb(stream.numpy()).to(device, non_blocking=True))
         except UnreadableImage as error:
             warnings.warn(f"skipping an unreadable training image: {error}")
             images.append(None)
     return images
 
 
-def _crop_resize(image: torch.Tensor, item: EncodedCrop, size: tuple[int, int]) -> torch.Tensor:
-    """The box cut out and resized to `size`, flipped if planned: float32 on the 0-255 scale, not rounded (the
-    batch is normalized next), in as few kernels as the steps allow: each image costs a launch or two of its own."""
-    left, top, right, bottom = item.box
-    region = image[None, :, top:bottom, left:right].float()
-    if region.shape[-2:] != size:
-        region = F.interpolate(region, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return region[0].flip(-1) if item.flip else region[0]
+def _resize_into(out: torch.Tensor, region: torch.Tensor) -> None:
+    """out (1, 3, S, S) float32 = region (3, h, w) uint8 resized bilinearly with antialiasing (F.interpolate's
+    arithmetic, as the CPU path's), straight into the batch: every image costs launches of its own, so none is spent
+    on F.interpolate's argument handling or on a copy of the result."""
+    if region.shape[-2:] == out.shape[-2:]:
+        out[0].copy_(region)
+    else:
+        torch._C._nn._upsample_bilinear2d_aa(region[None].float(), list(out.shape[-2:]), False, None, None, out=out)
 
 
-def decode_batch(items: list, labels: torch.Tensor, device: torch.device,
+def decode_batch(batch: EncodedBatch, labels: torch.Tensor, device: torch.device,
                  size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A collate_encoded batch on `device` as (float32 (B, 3, H, W) images on the 0-255 scale, labels, unreadable
     count); `normalize_batch` takes it as it takes the workers' uint8 batches."""
-    encoded_at = [i for i, item in enumerate(items) if isinstance(item, EncodedCrop)]
-    decoded = _decode_all([items[i] for i in encoded_at], device)
-    images = [item.to(device, non_blocking=True).float() if not isinstance(item, EncodedCrop) else None
-              for item in items]
-    for i, image in zip(encoded_at, decoded):
-        images[i] = None if image is None else _crop_resize(image, items[i], size)
-    keep = [i for i, image in enumerate(images) if image is not None]
-    if not keep:
-        return torch.empty((0, 3, *size), device=device), labels[:0], len(items)
-    return torch.stack([images[i] for i in keep]), labels[keep], len(items) - len(keep)
+    count = len(batch.positions) + len(batch.decoded)
+    images = torch.empty((count, 3, *size), device=device)
+    readable = torch.ones(count, dtype=torch.bool)
+    streams = list(torch.split(batch.data, batch.lengths.tolist()))
+    for place, box, image in zip(batch.positions.tolist(), batch.boxes.tolist(), _decode_all(streams, device)):
+        if image is None:
+            readable[place] = False
+            continue
+        left, top, right, bottom = box
+        _resize_into(images[place:place + 1], image[:, top:bottom, left:right])
+    for place, image in batch.decoded:
+        images[place].copy_(image, non_blocking=True)
+    flipped = batch.positions[batch.flips]
+    if len(flipped):
+        flipped = flipped.to(device, non_blocking=True)
+        images[flipped] = images[flipped].flip(-1)
+    if readable.all():
+        return images, labels, 0
+    keep = readable.nonzero()[:, 0]
+    return images[keep.to(device)], labels[keep], int(count - len(keep))
