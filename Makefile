@@ -17,14 +17,15 @@ $(VENV)/.installed: pyproject.toml setup.py vitkit/data/_jpeg_region.c vitkit/mo
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[test,deploy]'
+	$(PY) -m pip install -q -e '.[test,deploy,viz]'
 	touch $@
 
 # The main job: Fashion-MNIST as image folders, a small ViT trained from scratch, then evaluated.
 # Re-running continues an interrupted run (--resume auto) and re-evaluates a finished one.
 demo: setup $(DEMO_DATA)/.complete
 	$(VENV)/bin/vitkit train --config_path $(DEMO_CONFIG) --resume auto
-	$(VENV)/bin/vitkit eval --config_path $(DEMO_CONFIG) --model outputs/fashion_mnist
+	$(VENV)/bin/vitkit eval --config_path $(DEMO_CONFIG) --model outputs/fashion_mnist --report outputs/fashion_mnist/report
+	$(VENV)/bin/vitkit plot outputs/fashion_mnist
 
 $(DEMO_DATA)/.complete: | setup
 	test -d /usr/share/datasets/fashion-mnist || \
@@ -40,7 +41,7 @@ OLDEST_VENV := .venv-oldest-torch
 test-oldest-torch:
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST_TORCH_PINS)
-	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[test,deploy]'
+	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[test,deploy,viz]'
 	$(OLDEST_VENV)/bin/python -m pytest -q
 
 # Data-pipeline throughput against torchvision's standard pipeline on ImageNet-like JPEGs made from real photos.

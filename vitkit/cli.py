@@ -78,7 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     extra += [f"--data.val_path={args.data}"] if args.data else []
     cfg = load_config(args.config_path, args.overrides + extra)
     started = time.perf_counter()
-    result, model_path = evaluate_checkpoint(cfg, cfg.model.pretrained)
+    result, model_path = evaluate_checkpoint(cfg, cfg.model.pretrained, report_dir=args.report or "")
     cost = time.perf_counter() - started
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun every rank holds the same all-reduced result: rank 0 alone prints it
@@ -89,6 +89,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"accuracy={result.top1:.6f}")
         print(f"top5 accuracy={result.top5:.6f}")
         print(f"images={result.total}, skipped={result.failed}, eval_cost={cost:.2f}s")
+    if args.report and not args.json:
+        print(f"report in {args.report}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitkit.viz.plot import plot_runs
+
+    out = args.out or str(Path(args.runs[0]) / "curves.png")
+    print(f"wrote {plot_runs(args.runs, out, names=args.names)}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from vitkit.config import load_config
+    from vitkit.engine.checkpoint import newest_weights
+    from vitkit.model.loading import load_model
+    from vitkit.viz.explain import explain_image
+
+    cfg = load_config(args.config_path, args.overrides)
+    model = load_model(newest_weights(args.model))
+    result = explain_image(model, args.image, args.out, normalization=cfg.data.normalization,
+                           interpolation=cfg.data.interpolation, resize_size=cfg.eval.resize_size)
+    label = model.class_names[result["top1"]] if getattr(model, "class_names", None) else result["top1"]
+    print(f"wrote {result['path']}: top-1 {label} ({result['probability']:.1%})")
     return 0
 
 
@@ -247,7 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=None, help="checkpoint of any format vitkit reads (else model.pretrained)")
     evaluate.add_argument("--data", default=None, help="validation image folder (else data.val_path)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the original's lines")
+    evaluate.add_argument("--report", default=None, metavar="DIR",
+                          help="also write a confusion matrix, per-class CSV, confused pairs and misclassified images")
     evaluate.set_defaults(run=_cmd_eval, takes_overrides=True)
+
+    plot = commands.add_parser("plot", help="PNG curves (loss, lr, top-1/top-5, img/s) of one or more training runs")
+    plot.add_argument("runs", nargs="+", help="training run folders (checkpoint.output_dir)")
+    plot.add_argument("--out", default=None, help="the PNG to write (default: curves.png in the first run folder)")
+    plot.add_argument("--names", nargs="+", default=None, help="legend names, one per run (default: folder names)")
+    plot.set_defaults(run=_cmd_plot)
+
+    explain = commands.add_parser("explain", help="attention rollout and the last block's head maps over an image")
+    _add_config_path(explain)
+    explain.add_argument("image", help="an image file")
+    explain.add_argument("--model", required=True, help="checkpoint of any format vitkit reads, or a run folder")
+    explain.add_argument("--out", default="explain.png", help="the PNG to write (default: explain.png)")
+    explain.set_defaults(run=_cmd_explain, takes_overrides=True)
 
     data = commands.add_parser("data", help="write a real dataset as an image folder")
     data.add_argument("dataset", choices=["fashion-mnist"], help="the dataset (from the Debian package dataset-fashion-mnist)")

@@ -241,6 +241,10 @@ class LoggingConfig:
     progress: str = _option(
         "auto", "progress display: a bar on terminals, plain lines otherwise", choices=("auto", "bar", "plain")
     )
+    log_interval: int = _option(
+        50, "a step line (loss, lr, img/s, data wait, ETA) every this many steps, terminal or not; 0 = none", ge=0
+    )
+    tensorboard: bool = _option(True, "write TensorBoard event files under the log folder (if tensorboard is installed)")
 
 
 @dataclass

@@ -18,14 +18,20 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None):
         yield Path(tmp_name)
         with open(tmp_name, "rb") as written:
             os.fsync(written.fileno())
-        if mode is not None:
-            os.chmod(tmp_name, mode)
+        # mkstemp makes the file private (0600); the target gets what any new file would (or the given mode).
+        os.chmod(tmp_name, mode if mode is not None else 0o666 & ~_umask())
         os.replace(tmp_name, target)
         _fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(current)
+    return current
 
 
 def _fsync_dir(folder: Path) -> None:

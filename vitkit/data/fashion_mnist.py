@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from vitkit.errors import VitkitError
+from vitkit.progress import progress_bar
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "install it with `apt-get install dataset-fashion-mnist` or pass the folder that holds the .gz files"
@@ -143,8 +144,11 @@ def write_fashion_mnist(
             ]
         pool = ThreadPoolExecutor(WRITER_THREADS)
         try:
-            # list() collects the results so that a failed write raises here.
-            list(pool.map(lambda job: _write_pngs(*job), jobs))
+            # Taking each result makes a failed write raise here.
+            bar = progress_bar(len(jobs), f"writing {out}")
+            for _ in pool.map(lambda job: _write_pngs(*job), jobs):
+                bar.update(1)
+            bar.close()
         finally:
             # On an error or Ctrl-C, drop the queued chunks instead of writing them into a folder about to go.
             pool.shutdown(cancel_futures=True)

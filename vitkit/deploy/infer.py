@@ -18,6 +18,7 @@ from vitkit.deploy.onnx_runtime import OnnxModel
 from vitkit.deploy.postprocess import Accuracy, count_hits
 from vitkit.deploy.result_files import check_unique_stems, write_result
 from vitkit.errors import VitkitError
+from vitkit.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -103,7 +104,9 @@ def infer_folder(
     loader = build_loader(dataset, sampler, batch_size, usable_workers(num_workers), drop_last=False, pin_memory=False)
     hits1 = hits5 = images = skipped = 0
     seconds = 0.0
+    bar = progress_bar(len(loader), "infer")
     for batch, labels, indices, failed in loader:
+        bar.update(1)
         skipped += failed
         if not batch.shape[0]:
             continue
@@ -119,6 +122,7 @@ def infer_folder(
         if out_dir is not None:
             for row, index in zip(logits, indices.tolist()):
                 write_result(out_dir, paths[index], row)
+    bar.close()
     if not images:
         raise VitkitError(f"none of the {skipped} images in {data_dir} could be read: check the files")
     return InferResult(images, skipped, seconds, Accuracy(hits1, hits5, images) if labelled else None)

@@ -11,6 +11,7 @@ from vitkit.engine.build import autocast_context, pick_device, resolve_precision
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.engine.distributed import setup_distributed
 from vitkit.errors import VitkitError
+from vitkit.progress import progress_bar
 from vitkit.metrics import TopKCounts as EvalResult
 from vitkit.model.loading import model_from_weights, read_weights
 
@@ -29,8 +30,11 @@ def _most_batches(batches: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32", normalization: str = "imagenet"
+    model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32", normalization: str = "imagenet",
+    progress: str = "plain", predictions: list | None = None,
 ) -> EvalResult:
+    """Top-1/top-5 counts over the loader. `progress` is logging.progress (a bar on a terminal with 'auto');
+    `predictions`, when given, receives one (dataset indices, labels, top-5 classes) triple of CPU tensors a batch."""
     was_training = model.training
     model.eval()
     hits_sum = torch.zeros(2, dtype=torch.int64, device=device)  # top-1 and top-5 hits, summed without a host sync
@@ -39,7 +43,9 @@ def evaluate(
     # the most batches: a rank out of images (or with a batch of only unreadable ones) runs a blank image and
     # ignores the result. DDP and single models run their own batches alone.
     blank_forwards = _most_batches(len(loader), device) if _is_sharded(model) else 0
-    for images, labels, _, failed in loader:
+    bar = progress_bar(len(loader), "eval", progress, enabled=not dist.is_initialized() or dist.get_rank() == 0)
+    for images, labels, indices, failed in loader:
+        bar.update(1)
         failed_total += failed
         if not images.shape[0]:
             continue
@@ -52,6 +58,9 @@ def evaluate(
         hits = ranked == labels[:, None]
         hits_sum += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
         total += labels.shape[0]
+        if predictions is not None:
+            predictions.append((indices, labels.cpu(), ranked.cpu()))
+    bar.close()
     for _ in range(max(blank_forwards, 0)):
         size = model.arch.image_size
         with autocast_context(precision, device):
@@ -64,20 +73,24 @@ def evaluate(
     return EvalResult(correct1, correct5, total, failed)
 
 
-def evaluate_checkpoint(cfg, model_path: str) -> tuple[EvalResult, str]:
+def evaluate_checkpoint(cfg, model_path: str, report_dir: str = "") -> tuple[EvalResult, str]:
     """`vitkit eval`: a checkpoint of any format load_model reads, over cfg.data.val_path at cfg.eval's size.
     A run folder stands for its newest checkpoint; the file evaluated is returned with the result.
-    Under torchrun each rank reads its own share of the images and every rank returns the all-reduced counts."""
+    Under torchrun each rank reads its own share of the images and every rank returns the all-reduced counts.
+    `report_dir` (one process only) also gets the per-class report of vitkit.viz.eval_report."""
     if not model_path:
         raise VitkitError("no checkpoint to evaluate: pass --model PATH (or set model.pretrained / pretrained)")
     context = setup_distributed(cfg.distributed, cfg.train.device)
+    if report_dir and context.world_size > 1:
+        context.close()
+        raise VitkitError("eval --report reads every prediction in one process: run it without torchrun")
     try:
-        return _evaluate_checkpoint(cfg, model_path, context)
+        return _evaluate_checkpoint(cfg, model_path, context, report_dir)
     finally:
         context.close()
 
 
-def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str]:
+def _evaluate_checkpoint(cfg, model_path: str, context, report_dir: str = "") -> tuple[EvalResult, str]:
     model_path = newest_weights(model_path)
     device = pick_device(cfg.train.device, context.local_rank)
     overrides = {"image_size": cfg.eval.image_size}
@@ -87,7 +100,7 @@ def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str
     if context.rank == 0:  # one warning, not one per rank
         warn_on_other_normalization(weights.source, cfg.data.normalization, model_path, stacklevel=3)
     model = model_from_weights(weights, **overrides).to(device).eval()
-    samples, _ = list_image_folder(cfg.data.val_path, model.arch.num_classes)
+    samples, folder_classes = list_image_folder(cfg.data.val_path, model.arch.num_classes)
     dataset = ImageFolderDataset(
         samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None)
     )
@@ -96,4 +109,14 @@ def _evaluate_checkpoint(cfg, model_path: str, context) -> tuple[EvalResult, str
     workers = usable_workers(cfg.eval.num_workers, context.local_world_size)
     loader = build_loader(dataset, sampler, cfg.eval.batch_size, workers, drop_last=False)
     precision = resolve_precision(cfg.train.precision, device)
-    return evaluate(model, loader, device, precision, cfg.data.normalization), model_path
+    predictions = [] if report_dir else None
+    result = evaluate(model, loader, device, precision, cfg.data.normalization, cfg.logging.progress, predictions)
+    if report_dir:
+        from vitkit.viz.eval_report import write_eval_report
+
+        indices, labels, top5 = (torch.cat(parts) for parts in zip(*predictions)) if predictions else (
+            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty((0, 1), dtype=torch.int64))
+        class_names = list(getattr(model, "class_names", None) or folder_classes)
+        write_eval_report(report_dir, class_names, labels.numpy(), top5.numpy(),
+                          [samples[index][0] for index in indices.tolist()])
+    return result, model_path

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vitkit.config import Config, config_to_dict, to_flat
+from vitkit.config import Config, config_to_dict, dump_yaml, to_flat
 from vitkit.data.device_decode import EncodedCropDataset, collate_encoded, decode_batch
 from vitkit.data.folder import ImageFolderDataset, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
@@ -24,8 +23,10 @@ from vitkit.engine.evaluate import evaluate
 from vitkit.engine.losses import build_loss
 from vitkit.engine.lr_schedule import PerStepLR, build_lr_schedule
 from vitkit.engine.optim import build_optimizer, centralize_gradients
-from vitkit.engine.runlog import RunLog, format_epoch_line, host_ip
+from vitkit.engine.runlog import RunLog, StepWindow, format_epoch_line, format_step_line, host_ip
+from vitkit.engine.tensorboard import open_tensorboard
 from vitkit.errors import VitkitError
+from vitkit.progress import progress_bar
 
 
 def _mix_seed(seed: int, step: int) -> int:
@@ -74,8 +75,12 @@ class Trainer:
         self._build_model()
         self._build_optimization()
         self.progress = Progress()
-        if resume_state is not None:
+        self.resumed = resume_state is not None
+        if self.resumed:
             self._resume(resume_path, resume_state)
+            self.log.forget_after(self.progress.epoch, self.progress.global_step)
+        self.board = None
+        self._run_started = time.perf_counter()
 
     # ---- set-up -----------------------------------------------------------------------------------------------
     def _refuse_to_overwrite(self) -> None:
@@ -285,15 +290,22 @@ class Trainer:
         failed_sum = 0
         started = time.perf_counter()
         steps_total = self.steps_per_epoch
-        bar = self._progress_bar(steps_total - progress.step_in_epoch)
+        bar = progress_bar(steps_total - progress.step_in_epoch, f"epoch {progress.epoch}", self.cfg.logging.progress,
+                           enabled=self.is_main)
         save_every = self.cfg.checkpoint.save_checkpoint_steps
-        for images, labels, _, failed in self.train_loader:
-            if progress.step_in_epoch >= steps_total:
+        window = StepWindow(progress.step_in_epoch)
+        batches = iter(self.train_loader)
+        while progress.step_in_epoch < steps_total:
+            with window.waiting():
+                batch_or_end = next(batches, None)
+            if batch_or_end is None:
                 break
+            images, labels, _, failed = batch_or_end
             if self.decode_on_device:
                 size = (self.cfg.model.image_size,) * 2
                 images, labels, unreadable = decode_batch(images, labels, self.device, size)
                 failed += unreadable
+            window.images += len(labels)
             if images.shape[0] or self.dist.world_size > 1:
                 loss_sum += self._train_step(images, labels)
             else:
@@ -301,20 +313,53 @@ class Trainer:
             progress.step_in_epoch += 1
             progress.global_step += 1
             failed_sum += failed
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if profiler is not None:
                 profiler.step()
+            interval = self.cfg.logging.log_interval
+            if interval and progress.step_in_epoch % interval == 0:
+                self._log_step(window, loss_sum)
+                window = StepWindow(progress.step_in_epoch)
             if save_every and progress.global_step % save_every == 0 and progress.step_in_epoch < steps_total:
                 self._add_to_epoch_totals(loss_sum, failed_sum)
                 loss_sum.zero_()
                 failed_sum = 0
                 self._save()
-        if bar is not None:
-            bar.close()
+        bar.close()
         self._add_to_epoch_totals(loss_sum, failed_sum)
         elapsed = time.perf_counter() - started
         return progress.epoch_loss_sum / max(progress.step_in_epoch, 1), elapsed
+
+    def _log_step(self, window: StepWindow, loss_sum: torch.Tensor) -> None:
+        """The step line: this rank's running loss of the epoch, the window's speed and data wait, the ETAs."""
+        progress, cfg = self.progress, self.cfg
+        # The loss since the last mid-epoch save is this rank's; what was flushed before is the ranks' mean.
+        loss = (progress.epoch_loss_sum + float(loss_sum)) / progress.step_in_epoch  # float() waits for the step
+        seconds = window.seconds()
+        step_seconds = seconds / max(progress.step_in_epoch - window.first_step, 1)
+        left_in_epoch = self.steps_per_epoch - progress.step_in_epoch
+        left_in_run = left_in_epoch + (cfg.schedule.max_epoch - progress.epoch - 1) * self.steps_per_epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        grad_norm = self._grad_norm()
+        record = {"epoch": progress.epoch, "step": progress.step_in_epoch, "steps": self.steps_per_epoch,
+                  "global_step": progress.global_step, "loss": loss, "lr": lr, "img_s": window.images / seconds,
+                  "data_wait": window.wait / seconds, "grad_norm": grad_norm, "loss_scale": loss_scale,
+                  "time": time.perf_counter() - self._run_started}
+        self.log.info(format_step_line(record, eta_epoch=left_in_epoch * step_seconds,
+                                       eta_run=left_in_run * step_seconds))
+        self.log.step(record)
+        if self.board is not None:
+            self.board.scalars({"train/loss": loss, "train/lr": lr, "train/img_s": record["img_s"],
+                                "train/data_wait": record["data_wait"], "train/grad_norm": grad_norm,
+                                "train/loss_scale": loss_scale}, progress.global_step)
+
+    def _grad_norm(self) -> float | None:
+        """The global L2 norm of the last step's (unscaled) gradients; None where they are sharded (FSDP)."""
+        grads = [param.grad for param in self.model.parameters() if param.grad is not None]
+        if not grads or self.cfg.distributed.strategy == "fsdp" and self.dist.world_size > 1:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _add_to_epoch_totals(self, loss_sum: torch.Tensor, failed: int) -> None:
         """Adds the step losses since the last call, averaged over the ranks, and the unreadable images, summed over
@@ -327,14 +372,6 @@ class Trainer:
         self.progress.epoch_loss_sum += loss_total / self.dist.world_size
         self.progress.epoch_failed += round(failed_total)
 
-    def _progress_bar(self, total: int):
-        wanted = self.cfg.logging.progress
-        if not self.is_main or wanted == "plain" or (wanted == "auto" and not sys.stderr.isatty()):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=f"epoch {self.progress.epoch}", leave=False, dynamic_ncols=True)
-
     def fit(self) -> dict:
         cfg, progress = self.cfg, self.progress
         # Every rank logs to its own file (RunLog prints rank 0's alone and keeps rank 0's metrics alone), so each
@@ -342,7 +379,13 @@ class Trainer:
         self.log.args(to_flat(cfg))
         self.log.info("compile time used=0.00s")
         self.log.info(f"device {self.device}, precision {self.precision} (train.precision={cfg.train.precision})")
-        run_started = time.perf_counter()
+        self.board, board_line = open_tensorboard(cfg.logging.tensorboard and self.is_main, self.log.log_dir,
+                                                  resume_step=progress.global_step if self.resumed else None)
+        if board_line:
+            self.log.info(board_line)
+        if self.board is not None and not self.resumed:
+            self.board.text("config", dump_yaml(cfg))
+        run_started = self._run_started = time.perf_counter()
         profiler = self._start_profiler()
         while progress.epoch < cfg.schedule.max_epoch:
             epoch = progress.epoch
@@ -374,6 +417,10 @@ class Trainer:
                 line += f", skipped_images={progress.epoch_failed}"
             self.log.info(line)
             self.log.metrics(record)
+            if self.board is not None:
+                self.board.scalars({"epoch/loss": mean_loss, "epoch/img_s": fps, "epoch/lr": lr,
+                                    "eval/top1": accuracy, "eval/top5": record.get("top5")}, progress.global_step)
+                self.board.flush()
             progress.step_in_epoch = self.steps_per_epoch
             # The best epoch is saved too, so that pruning can keep it.
             if (epoch + 1) % cfg.checkpoint.save_checkpoint_epochs == 0 or epoch + 1 == cfg.schedule.max_epoch or improved:
@@ -386,6 +433,8 @@ class Trainer:
 
     def _finish(self, training_time: float) -> dict:
         progress = self.progress
+        if self.board is not None:
+            self.board.close()
         mean_fps = sum(progress.fps_history) / len(progress.fps_history) if progress.fps_history else 0.0
         self.log.info(f"training time used={training_time:.2f}s")
         self.log.info(f"last_metric[{progress.best_acc}]")
