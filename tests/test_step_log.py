@@ -1,6 +1,7 @@
 """Step lines, steps.jsonl and TensorBoard event files, read back with TensorBoard's own reader."""
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -99,7 +100,6 @@ def test_tensorboard_off(tiny_dataset, tmp_path):
 def test_a_tensorboard_server_on_loopback_serves_the_runs_scalars(tiny_dataset, tmp_path):
     import subprocess
     import sys
-    import time
     import urllib.error
     import urllib.request
 
@@ -137,3 +137,69 @@ def test_a_tensorboard_server_on_loopback_serves_the_runs_scalars(tiny_dataset, 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def wandb_history(path):
+    """{step: {key: value}} of an offline W&B run's .wandb file: LevelDB-log framing (7-byte file header, 32 KiB
+    blocks, 7-byte record headers: crc32, little-endian length, type) around wandb's own Record protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending, history = 7, b"", {}
+    while position + 7 <= len(data):
+        left_in_block = 32768 - position % 32768
+        if left_in_block < 7:  # a block's tail too short for a header is padding
+            position += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                items = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                         for item in record.history.item}
+                history.setdefault(items["_step"], {}).update(items)
+    return history
+
+
+def test_an_offline_wandb_run_gets_the_same_scalars(tiny_dataset, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    Trainer(tiny_config(tiny_dataset, out, "--logging.log_interval=2", "--logging.wandb=true",
+                        "--logging.tensorboard=false")).fit()
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    assert run_file.name == f"run-{(out / 'wandb_run_id').read_text().strip()}.wandb"
+    history = wandb_history(run_file)
+    steps = read_jsonl(out / "steps.jsonl")
+    assert sorted(history) == [r["global_step"] for r in steps]
+    for record in steps:
+        assert history[record["global_step"]]["train/loss"] == pytest.approx(record["loss"], rel=1e-9)
+        assert history[record["global_step"]]["train/lr"] == pytest.approx(record["lr"], rel=1e-9)
+    epochs = read_jsonl(out / "metrics.jsonl")
+    assert [history[s]["eval/top1"] for s in (4, 8)] == pytest.approx([r["accuracy"] for r in epochs], rel=1e-9)
+    assert not (out / "tensorboard").exists()
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(tiny_dataset, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    flags = ("--logging.log_interval=2", "--logging.wandb=true", "--logging.tensorboard=false")
+    Trainer(tiny_config(tiny_dataset, out, *flags, "--max_epoch=1")).fit()
+    run_id = (out / "wandb_run_id").read_text().strip()
+    time.sleep(1.1)  # W&B names an offline run's folder by the second it started
+    Trainer(tiny_config(tiny_dataset, out, *flags, "--max_epoch=2", "--train.resume=auto")).fit()
+    files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and {path.name for path in files} == {f"run-{run_id}.wandb"}
+    assert sorted(wandb_history(files[1])) == [6, 8]  # the second part of the run: epoch 2's steps

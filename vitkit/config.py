@@ -245,6 +245,8 @@ class LoggingConfig:
         50, "a step line (loss, lr, img/s, data wait, ETA) every this many steps, terminal or not; 0 = none", ge=0
     )
     tensorboard: bool = _option(True, "write TensorBoard event files under the log folder (if tensorboard is installed)")
+    wandb: bool = _option(False, "also log to Weights & Biases (pip install 'vitkit[wandb]'; WANDB_MODE=offline stays local)")
+    wandb_project: str = _option("vitkit", "the Weights & Biases project")
 
 
 @dataclass

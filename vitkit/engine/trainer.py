@@ -24,7 +24,7 @@ from vitkit.engine.losses import build_loss
 from vitkit.engine.lr_schedule import PerStepLR, build_lr_schedule
 from vitkit.engine.optim import build_optimizer, centralize_gradients
 from vitkit.engine.runlog import RunLog, StepWindow, format_epoch_line, format_step_line, host_ip
-from vitkit.engine.tensorboard import open_tensorboard
+from vitkit.engine.scalar_logs import open_scalar_logs
 from vitkit.errors import VitkitError
 from vitkit.progress import progress_bar
 
@@ -79,7 +79,7 @@ class Trainer:
         if self.resumed:
             self._resume(resume_path, resume_state)
             self.log.forget_after(self.progress.epoch, self.progress.global_step)
-        self.board = None
+        self.scalar_logs = None
         self._run_started = time.perf_counter()
 
     # ---- set-up -----------------------------------------------------------------------------------------------
@@ -349,8 +349,8 @@ class Trainer:
         self.log.info(format_step_line(record, eta_epoch=left_in_epoch * step_seconds,
                                        eta_run=left_in_run * step_seconds))
         self.log.step(record)
-        if self.board is not None:
-            self.board.scalars({"train/loss": loss, "train/lr": lr, "train/img_s": record["img_s"],
+        if self.scalar_logs is not None:
+            self.scalar_logs.scalars({"train/loss": loss, "train/lr": lr, "train/img_s": record["img_s"],
                                 "train/data_wait": record["data_wait"], "train/grad_norm": grad_norm,
                                 "train/loss_scale": loss_scale}, progress.global_step)
 
@@ -379,12 +379,13 @@ class Trainer:
         self.log.args(to_flat(cfg))
         self.log.info("compile time used=0.00s")
         self.log.info(f"device {self.device}, precision {self.precision} (train.precision={cfg.train.precision})")
-        self.board, board_line = open_tensorboard(cfg.logging.tensorboard and self.is_main, self.log.log_dir,
-                                                  resume_step=progress.global_step if self.resumed else None)
-        if board_line:
-            self.log.info(board_line)
-        if self.board is not None and not self.resumed:
-            self.board.text("config", dump_yaml(cfg))
+        if self.is_main:
+            self.scalar_logs, lines = open_scalar_logs(cfg.logging, self.log.log_dir, config_to_dict(cfg),
+                                                 resume_step=progress.global_step if self.resumed else None)
+            for line in lines:
+                self.log.info(line)
+            if not self.resumed:
+                self.scalar_logs.text("config", dump_yaml(cfg))
         run_started = self._run_started = time.perf_counter()
         profiler = self._start_profiler()
         while progress.epoch < cfg.schedule.max_epoch:
@@ -417,10 +418,10 @@ class Trainer:
                 line += f", skipped_images={progress.epoch_failed}"
             self.log.info(line)
             self.log.metrics(record)
-            if self.board is not None:
-                self.board.scalars({"epoch/loss": mean_loss, "epoch/img_s": fps, "epoch/lr": lr,
+            if self.scalar_logs is not None:
+                self.scalar_logs.scalars({"epoch/loss": mean_loss, "epoch/img_s": fps, "epoch/lr": lr,
                                     "eval/top1": accuracy, "eval/top5": record.get("top5")}, progress.global_step)
-                self.board.flush()
+                self.scalar_logs.flush()
             progress.step_in_epoch = self.steps_per_epoch
             # The best epoch is saved too, so that pruning can keep it.
             if (epoch + 1) % cfg.checkpoint.save_checkpoint_epochs == 0 or epoch + 1 == cfg.schedule.max_epoch or improved:
@@ -433,8 +434,8 @@ class Trainer:
 
     def _finish(self, training_time: float) -> dict:
         progress = self.progress
-        if self.board is not None:
-            self.board.close()
+        if self.scalar_logs is not None:
+            self.scalar_logs.close()
         mean_fps = sum(progress.fps_history) / len(progress.fps_history) if progress.fps_history else 0.0
         self.log.info(f"training time used={training_time:.2f}s")
         self.log.info(f"last_metric[{progress.best_acc}]")
