@@ -42,10 +42,10 @@ def train_args(data, out, *extra):
     ]
 
 
-def torchrun(nproc: int, *vitkit_args: str) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *vitkit_args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                "-m", "vitkit", *vitkit_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env)
 
 
@@ -326,3 +326,16 @@ def test_pruning_removes_shards_whose_checkpoint_was_never_completed(tmp_path):
     (tmp_path / ".vit-3_8.dcp.partial").mkdir()  # died while writing shards
     prune_checkpoints(tmp_path, keep=1)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["vit-2_4.dcp", "vit-2_4.pt"]
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(data, two_process_run, tmp_path):
+    out = tmp_path / "stopped"
+    # Rank 1 alone gets SIGTERM after its second step; rank 0 learns of it when the ranks agree at the epoch's end.
+    stopped = torchrun(2, "train", *train_args(data, out, "--batch_size=4"),
+                       env={"VITKIT_FAULT": "step_end:2", "VITKIT_FAULT_SIGNAL": "TERM", "VITKIT_FAULT_RANK": "1"})
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("vitkit: stopped: received SIGTERM: wrote vit_tiny_patch16-1_4.pt") == 2  # both ranks
+    assert [path.name for path in sorted(out.glob("*.pt"))] == ["vit_tiny_patch16-1_4.pt"]
+    check_ok(torchrun(2, "train", *train_args(data, out, "--batch_size=4", "--train.resume=auto")))
+    final, expected = weights(out, "vit_tiny_patch16-2_4"), weights(two_process_run, "vit_tiny_patch16-2_4")
+    assert all(torch.equal(final[key], expected[key]) for key in expected)

@@ -62,8 +62,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vitkit.engine.trainer import train
 
     # Options that are config keys under another name join the overrides, so the config checks them once.
+    from vitkit.engine.preemption import Preempted
+
     extra = [f"--train.resume={args.resume}"] if args.resume else []
-    train(load_config(args.config_path, args.overrides + extra))
+    try:
+        train(load_config(args.config_path, args.overrides + extra))
+    except Preempted as stop:
+        print(f"vitkit: stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
@@ -186,7 +192,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     preprocessing = resolve_preprocessing(model.card.preprocessing, cfg, side)
     batch_size = args.batch_size or model.batch_size or 32
     workers = args.workers if args.workers is not None else (cfg.eval.num_workers if cfg else 1)
-    result = infer_folder(model, args.data, preprocessing, batch_size, workers, args.save_logits)
+    max_pixels = {"max_image_pixels": cfg.data.max_image_pixels} if cfg is not None else {}
+    result = infer_folder(model, args.data, preprocessing, batch_size, workers, args.save_logits, **max_pixels)
     if args.json:
         record = {"images": result.images, "skipped": result.skipped, "infer_seconds": round(result.seconds, 4)}
         if result.accuracy is not None:

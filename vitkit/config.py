@@ -9,6 +9,10 @@ Sources, later ones winning: the defaults, then a YAML file, then command-line o
 original's flat keys (``batch_size: 64``), the native nested form (``data: {batch_size: 64}``), dotted names
 (``data.batch_size: 64``) or any mix; an override is ``--key=value``, ``--key value`` or ``key=value`` with a flat
 or dotted key.
+
+Hostile input gets one short error, never a traceback or a hang: a config file is at most 1 MiB, its YAML holds no
+aliases and nests at most 64 levels (``_BoundedLoader``), an error echoes at most about 200 characters of a value,
+and every option that sizes an allocation or a loop has an upper bound (``le=``) beside its default.
 """
 import dataclasses
 import difflib
@@ -16,13 +20,27 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
 from vitkit.errors import VitkitError
 from vitkit.model.presets import resolve_preset
+
+
+# Upper bounds of the options that size an allocation or a loop: far past any real run, short of what would take
+# the machine's memory or run for ever (a config typo such as max_epoch=3000000 fails here, not after a week).
+MAX_EPOCHS = 100_000
+MAX_IMAGE_SIDE = 16384  # pixels; a 16384 x 16384 uint8 RGB image is 805 MB
+MAX_BATCH = 1_000_000
+MAX_EXPORT_BATCH = 4096  # the export traces and checks the model on a batch this size
+MAX_WORKERS = 1024
+MAX_CLASSES = 1_000_000
+MAX_PATCH = 1024
+MAX_WIDTH = 16384  # ViT-22B is 6144 wide
+MAX_BLOCKS = 1024  # ViT-22B is 48 deep
+MAX_HEADS = 1024
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
 
 def _option(default, help, *, flat=None, choices=(), ge=None, gt=None, le=None, lt=None):
@@ -36,16 +54,17 @@ class ModelConfig:
     name: str = _option("vit_base_patch32", "architecture preset (`vitkit models` lists them)", flat="backbone")
     num_classes: int = _option(
         1001, "classifier outputs; the original's 1001 is ImageNet's 1000 plus one never-used logit",
-        flat="class_num", ge=1,
+        flat="class_num", ge=1, le=MAX_CLASSES,
     )
     image_size: int = _option(
-        224, "training input side in pixels, a multiple of the patch size", flat="train_image_size", gt=0
+        224, "training input side in pixels, a multiple of the patch size", flat="train_image_size", gt=0,
+        le=MAX_IMAGE_SIDE,
     )
-    patch_size: int = _option(0, "patch side in pixels; 0 = the preset's", ge=0)
-    embed_dim: int = _option(0, "token width; 0 = the preset's", ge=0)
-    depth: int = _option(0, "transformer blocks; 0 = the preset's", ge=0)
-    num_heads: int = _option(0, "attention heads, dividing embed_dim; 0 = the preset's", ge=0)
-    mlp_dim: int = _option(0, "MLP hidden width; 0 = the preset's", ge=0)
+    patch_size: int = _option(0, "patch side in pixels; 0 = the preset's", ge=0, le=MAX_PATCH)
+    embed_dim: int = _option(0, "token width; 0 = the preset's", ge=0, le=MAX_WIDTH)
+    depth: int = _option(0, "transformer blocks; 0 = the preset's", ge=0, le=MAX_BLOCKS)
+    num_heads: int = _option(0, "attention heads, dividing embed_dim; 0 = the preset's", ge=0, le=MAX_HEADS)
+    mlp_dim: int = _option(0, "MLP hidden width; 0 = the preset's", ge=0, le=4 * MAX_WIDTH)
     pretrained: str = _option("", "checkpoint to start from; '' trains from scratch", flat="pretrained")
     components: str = _option(
         "", "dotted path of a ViTComponents subclass that swaps norms, blocks, heads or inits; '' = vitkit's own "
@@ -93,19 +112,25 @@ class DataConfig:
     random_crop: bool = _option(
         True, "random resized crop in training; false resizes the whole image (small centred images, e.g. 28 px)"
     )
-    batch_size: int = _option(256, "training images per device per step", flat="batch_size", ge=1)
-    num_workers: int = _option(14, "training loader processes per device", flat="train_num_workers", ge=0)
+    batch_size: int = _option(256, "training images per device per step", flat="batch_size", ge=1, le=MAX_BATCH)
+    num_workers: int = _option(
+        14, "training loader processes per device", flat="train_num_workers", ge=0, le=MAX_WORKERS
+    )
     augment: str = _option(
         "autoaugment", "policy after crop and flip; the flat autoaugment key is the original's 1/0 switch "
         "between autoaugment and none", flat="autoaugment",
         choices=("none", "autoaugment", "randaugment", "trivialaugment"),
     )
-    randaugment_ops: int = _option(2, "operations per image when augment is randaugment", ge=0)
+    randaugment_ops: int = _option(2, "operations per image when augment is randaugment", ge=0, le=100)
     randaugment_magnitude: int = _option(9, "strength of each randaugment operation, 0 to 30", ge=0, le=30)
     random_erasing: float = _option(0.0, "probability of erasing a random rectangle", ge=0, le=1)
     decode_on: str = _option(
         "workers", "where training JPEGs are decoded: the loader workers (CPU), or the training device (nvJPEG on a "
         "CUDA GPU; random resized crop and flip only, no augment policy or erasing)", choices=("workers", "device"),
+    )
+    max_image_pixels: int = _option(
+        100_000_000, "images whose header promises more pixels are skipped as unreadable before any decode (a "
+        "decompression bomb); PIL's own limit is 89,478,485", ge=1, le=1_000_000_000,
     )
     mixup: float = _option(0.2, "MixUp Beta(alpha, alpha) alpha, one draw per batch; 0 disables", flat="mixup", ge=0)
     cutmix: float = _option(0.0, "CutMix Beta alpha (the original has none); 0 disables", ge=0)
@@ -138,8 +163,10 @@ class ScheduleConfig:
     lr_min: float = _option(
         0.0, "final learning rate (cosine ignores it, as in the original; cosine_min uses it)", flat="lr_min", ge=0
     )
-    max_epoch: int = _option(300, "training epochs", flat="max_epoch", ge=1)
-    warmup_epochs: float = _option(40.0, "epochs of warmup from lr_init to lr_max", flat="warmup_epochs", ge=0)
+    max_epoch: int = _option(300, "training epochs", flat="max_epoch", ge=1, le=MAX_EPOCHS)
+    warmup_epochs: float = _option(
+        40.0, "epochs of warmup from lr_init to lr_max", flat="warmup_epochs", ge=0, le=MAX_EPOCHS
+    )
     poly_power: float = _option(2.0, "exponent of the poly curve", gt=0)
 
 
@@ -162,7 +189,7 @@ class TrainConfig:
         "dynamic loss scaler, fp32 on the CPU", choices=("auto", "fp32", "bf16", "fp16"),
     )
     loss_scale: float = _option(1024.0, "initial fp16 loss scale (fixed in the original)", flat="loss_scale", gt=0)
-    seed: int = _option(1, "seed for init, shuffling and augmentation", ge=0)
+    seed: int = _option(1, "seed for init, shuffling and augmentation", ge=0, le=MAX_SEED)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N")
     compile: bool = _option(False, "run the model through torch.compile")
     open_profiler: bool = _option(False, "profile the run (use a small dataset and max_epoch=1)", flat="open_profiler")
@@ -172,17 +199,23 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     image_size: int = _option(
-        224, "evaluation crop side in pixels, a multiple of the patch size", flat="eval_image_size", gt=0
+        224, "evaluation crop side in pixels, a multiple of the patch size", flat="eval_image_size", gt=0,
+        le=MAX_IMAGE_SIDE,
     )
     resize_size: int = _option(
-        0, "shorter side before the center crop; 0 = the original's int(int(size/0.875/16+0.5)*16), 256 for 224", ge=0
+        0, "shorter side before the center crop; 0 = the original's int(int(size/0.875/16+0.5)*16), 256 for 224", ge=0,
+        le=2 * MAX_IMAGE_SIDE,
     )
-    batch_size: int = _option(256, "evaluation images per device per step", flat="eval_batch_size", ge=1)
+    batch_size: int = _option(
+        256, "evaluation images per device per step", flat="eval_batch_size", ge=1, le=MAX_BATCH
+    )
     interval: int = _option(1, "evaluate when (epoch + 1) % interval == offset", flat="eval_interval", ge=1)
     offset: int = _option(
         -1, "see interval; negative means max_epoch % interval, so the last epoch is evaluated", flat="eval_offset"
     )
-    num_workers: int = _option(12, "evaluation loader processes per device", flat="eval_num_workers", ge=0)
+    num_workers: int = _option(
+        12, "evaluation loader processes per device", flat="eval_num_workers", ge=0, le=MAX_WORKERS
+    )
 
 
 @dataclass
@@ -207,7 +240,7 @@ class DistributedConfig:
     backend: str = _option(
         "auto", "process-group backend; auto = nccl on CUDA, else gloo", choices=("auto", "nccl", "gloo")
     )
-    timeout_s: int = _option(1800, "seconds a collective may wait before the run fails", ge=1)
+    timeout_s: int = _option(1800, "seconds a collective may wait before the run fails", ge=1, le=7 * 24 * 3600)
 
 
 @dataclass
@@ -220,8 +253,12 @@ class ExportConfig:
     ckpt_file: str = _option(
         "", "checkpoint to export (the original's later export key); '' = model.pretrained", flat="ckpt_file"
     )
-    batch_size: int = _option(1, "batch dimension of the exported input (flat batch_size in an export file)", ge=1)
-    image_size: int = _option(0, "side of the exported input in pixels; 0 = the checkpoint's own", ge=0)
+    batch_size: int = _option(
+        1, "batch dimension of the exported input (flat batch_size in an export file)", ge=1, le=MAX_EXPORT_BATCH
+    )
+    image_size: int = _option(
+        0, "side of the exported input in pixels; 0 = the checkpoint's own", ge=0, le=MAX_IMAGE_SIDE
+    )
     opset: int = _option(
         23, "ONNX opset; 23 and up make attention one ONNX Attention node per block, which needs onnxruntime >= 1.23 "
         "(the fastest on CPU); 18-22 keep MatMul -> Softmax -> MatMul for older runtimes", ge=18
@@ -301,6 +338,14 @@ class Option:
             return f"in {opening}{lower[1]}, {upper[1]}{closing}"
         bound = lower or upper
         return f"{bound[0]} {bound[1]}" if bound else ""
+
+    def broken_bound(self, value) -> str:
+        """The first bound `value` breaks, in words ('>= 1', '<= 100000'); '' when it is in range."""
+        for word, bound, holds in ((">=", self.ge, lambda b: value >= b), (">", self.gt, lambda b: value > b),
+                                   ("<=", self.le, lambda b: value <= b), ("<", self.lt, lambda b: value < b)):
+            if bound is not None and not holds(bound):
+                return f"{word} {bound}"
+        return ""
 
     def in_range(self, value) -> bool:
         return (
@@ -428,10 +473,87 @@ def _one_line(text) -> str:
 # ---- reading ---------------------------------------------------------------------------------------------------
 
 
+_MAX_FILE_BYTES = 1 << 20  # a config is a few kilobytes (the original's largest is 3 KB)
+_MAX_NESTING = 64  # nested YAML collections; a config's values are two levels deep at most
+_MAX_SHOWN = 200  # characters of a value, key or parser message that an error echoes
+
+
+class _YamlLimit(yaml.YAMLError):
+    """A YAML document past what a config may hold: where, what, and how to fix it."""
+
+    def __init__(self, problem: str, fix: str, mark):
+        super().__init__(problem)
+        self.problem, self.fix, self.problem_mark = problem, fix, mark
+
+    def where(self) -> str:
+        mark = self.problem_mark
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases and deep nesting, the two ways a small document grows huge.
+
+    An alias repeats its anchor's value: nine levels of nine aliases (the 'billion laughs') make 10**9 values from a
+    few hundred bytes, which any error message's repr would then walk. Each nesting level costs the composer and
+    constructor Python stack frames, so 20,000 '[' end in a RecursionError. Neither is needed in a config. Integers
+    past Python's 4300-digit conversion limit are read as text, which the option's check then refuses.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _YamlLimit("uses a YAML alias (*name)", "write the value out in full; vitkit does not expand "
+                             "aliases", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            if self._depth > _MAX_NESTING:
+                raise _YamlLimit(f"is nested deeper than {_MAX_NESTING} levels", "a config value is a number, a word "
+                                 "or a short list", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _construct_int(self, node):
+        try:
+            return self.construct_yaml_int(node)
+        except ValueError:  # more digits than int() converts
+            return self.construct_scalar(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader._construct_int)
+
+
+def _clip(text, limit: int = _MAX_SHOWN) -> str:
+    """One line of at most about `limit` characters: a long value is cut, with its full length said."""
+    text = str(text)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text):,} characters)"
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def _shown(value) -> str:
+    """A value as an error echoes it: its repr, clipped."""
+    if isinstance(value, str) and len(value) > _MAX_SHOWN:
+        return _clip(f"{value[:_MAX_SHOWN]!r}... ({len(value):,} characters)", 2 * _MAX_SHOWN)
+    return _clip(repr(value))
+
+
 def _read_document(path) -> dict:
-    """The first YAML document of the file; the original's optional help and choices documents are skipped."""
+    """The first YAML document of the file; the original's optional help and choices documents are skipped.
+
+    The file may be at most 1 MiB, and its YAML may hold no aliases and nest at most 64 levels (_BoundedLoader)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            raw = file.read(_MAX_FILE_BYTES + 1)
+        if len(raw) > _MAX_FILE_BYTES:
+            raise VitkitError(
+                f"config file '{path}' is over 1 MiB; a config is a few kilobytes: check --config_path names the "
+                "config, not a data or weights file"
+            )
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise VitkitError(f"config file '{path}' not found: check the --config_path") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -440,7 +562,9 @@ def _read_document(path) -> dict:
             f"cannot read config file '{path}' ({_one_line(reason)}): pass a readable UTF-8 YAML file"
         ) from None
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_BoundedLoader))
+    except _YamlLimit as exc:
+        raise VitkitError(f"config file '{path}' {exc.problem}{exc.where()}: {exc.fix}") from None
     except yaml.YAMLError as exc:
         raise VitkitError(f"config file '{path}' is not valid YAML{_yaml_problem(exc)}: fix the syntax there") from None
     if len(documents) > _MAX_DOCUMENTS:
@@ -468,8 +592,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     # A problem found at the end of the file usually starts where the context began (an unclosed '[' or quote).
     context = getattr(exc, "context", None)
     context_mark = getattr(exc, "context_mark", None)
-    started = f", {_one_line(context)} started at line {context_mark.line + 1}" if context and context_mark else ""
-    return f"{where} ({_one_line(problem)}{started})"
+    started = f", {_clip(context)} started at line {context_mark.line + 1}" if context and context_mark else ""
+    return f"{where} ({_clip(problem)}{started})"
 
 
 def _settings_from_document(document: dict, path: str, is_export: bool, notes: list[str]) -> list[_Setting]:
@@ -481,7 +605,7 @@ def _settings_from_document(document: dict, path: str, is_export: bool, notes: l
                 continue
             if not isinstance(value, dict):
                 raise VitkitError(
-                    f"config group '{key}' in {path} must be a mapping of its fields, got {value!r}: "
+                    f"config group '{key}' in {path} must be a mapping of its fields, got {_shown(value)}: "
                     f"write '{key}:' then indented 'field: value' lines"
                 )
             written = [(f"{key}.{name}", inner) for name, inner in value.items()]
@@ -496,7 +620,8 @@ def _settings_from_document(document: dict, path: str, is_export: bool, notes: l
             if option.key in settings:
                 first = settings[option.key].key
                 raise VitkitError(
-                    f"config key {option.key} is set twice in {path} (as '{first}' and '{dotted_or_flat}'): keep one"
+                    f"config key {option.key} is set twice in {path} (as '{_clip(first)}' and "
+                    f"'{_clip(dotted_or_flat)}'): keep one"
                 )
             settings[option.key] = _Setting(option, inner, dotted_or_flat, path, from_cli=False)
     return list(settings.values())
@@ -529,17 +654,18 @@ def _split_overrides(overrides: Sequence[str]) -> list[tuple[str, str, str]]:
             position += 1
             parsed.append((body, tokens[position], token))
         elif token.startswith("--"):
-            raise VitkitError(f"override {token} has no value: write {token}=VALUE")
+            raise VitkitError(f"override {_clip(token)} has no value: write {_clip(token)}=VALUE")
         else:
-            raise VitkitError(f"cannot read override '{token}': write --key=value, --key value or key=value")
+            raise VitkitError(f"cannot read override '{_clip(token)}': write --key=value, --key value or key=value")
         position += 1
     return parsed
 
 
 def _read_override_value(text: str):
-    """The override's text read like a YAML scalar, so '64' is 64 and 'true' is True."""
+    """The override's text read like a YAML scalar, so '64' is 64 and 'true' is True. Text past _BoundedLoader's
+    limits (an alias such as '*.onnx', deep nesting) stays text, which only a text option takes."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError:
         # Not YAML (a path like 'a: b' or '[x'): the text itself is the value.
         return text
@@ -564,7 +690,8 @@ def _find_option(key: str, is_export: bool, where: str, notes: list[str]) -> Opt
 
 def _unknown_group_error(group: str, where: str) -> VitkitError:
     return VitkitError(
-        f"unknown config group '{group}' in {where}:{_suggest(group, list(GROUPS))} the groups are {', '.join(GROUPS)}"
+        f"unknown config group '{_clip(group)}' in {_clip(where)}:{_suggest(group, list(GROUPS))} "
+        f"the groups are {', '.join(GROUPS)}"
     )
 
 
@@ -580,11 +707,15 @@ def _unknown_key_error(key: str, where: str) -> VitkitError:
     else:
         hint = _suggest(key, [*FLAT_KEYS, *OPTIONS])
     if not hint:
-        return VitkitError(f"unknown config key '{key}' in {where}: `vitkit config` lists every key")
-    return VitkitError(f"unknown config key '{key}' in {where}:{hint} (see `vitkit config` for every key)")
+        return VitkitError(f"unknown config key '{_clip(key)}' in {_clip(where)}: `vitkit config` lists every key")
+    return VitkitError(
+        f"unknown config key '{_clip(key)}' in {_clip(where)}:{hint} (see `vitkit config` for every key)"
+    )
 
 
 def _suggest(word: str, candidates: list[str]) -> str:
+    if len(word) > _MAX_SHOWN:
+        return ""  # nothing that long is close to a key
     close = difflib.get_close_matches(word, candidates, n=1)
     return f" did you mean '{close[0]}'?" if close else ""
 
@@ -604,7 +735,9 @@ def _apply(config: Config, setting: _Setting) -> None:
     if option.choices:
         value = _match_choice(option, value, setting)
     elif not option.in_range(value):
-        raise _value_error(setting, f"must be {option.range_text}", f"{_verb(setting)} a value {option.range_text}")
+        raise _value_error(
+            setting, f"must be {option.broken_bound(value)}", f"{_verb(setting)} a value {option.range_text}"
+        )
     _set(config, option, _translate(option, value, setting, config.notes))
 
 
@@ -639,7 +772,10 @@ def _coerce(option: Option, value, text: str | None):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:  # more digits than int() converts (4300)
+                return _INVALID
         return _INVALID
     if option.type is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -696,7 +832,10 @@ def _check_together(config: Config, origins: dict[str, _Setting]) -> None:
     except VitkitError as exc:
         name_setting = origins.get("model.name")
         label = _label(OPTIONS["model.name"], name_setting)
-        raise VitkitError(f"config key {label}{_from(name_setting)}: {exc}") from None
+        message = str(exc)
+        if len(message) > 3 * _MAX_SHOWN:  # a long name echoed: keep the start and the fix at the end
+            message = f"{message[:_MAX_SHOWN]} ... {message[-_MAX_SHOWN:]}"
+        raise VitkitError(f"config key {label}{_from(name_setting)}: {message}") from None
     if "image_size" in preset:
         # A timm-style name such as vit_base_patch16_384 carries its input size; it wins over the default only.
         for key in ("model.image_size", "eval.image_size"):
@@ -757,7 +896,7 @@ def _verb(setting: _Setting) -> str:
 def _value_error(setting: _Setting, problem: str, fix: str) -> VitkitError:
     shown = setting.text if setting.from_cli else setting.value
     return VitkitError(
-        f"config key {_label(setting.option, setting)} {problem}, got {shown!r} from {setting.source}: "
+        f"config key {_label(setting.option, setting)} {problem}, got {_shown(shown)} from {setting.source}: "
         f"{fix}, e.g. {_example(setting)}"
     )
 

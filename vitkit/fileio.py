@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from vitkit.faults import fault_point
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, mode: int | None = None):
@@ -20,6 +22,7 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None):
             os.fsync(written.fileno())
         # mkstemp makes the file private (0600); the target gets what any new file would (or the given mode).
         os.chmod(tmp_name, mode if mode is not None else 0o666 & ~_umask())
+        fault_point("atomic_replace")
         os.replace(tmp_name, target)
         _fsync_dir(target.parent)
     except BaseException:

@@ -6,7 +6,9 @@ import math
 import os
 import platform
 import re
+import struct
 import warnings
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -46,9 +48,17 @@ def _check_folder(root: str | os.PathLike, what: str) -> str:
 
 
 def _images_under(folder: str) -> list[str]:
-    """Every image below `folder`, sorted, skipping hidden subfolders."""
-    found = []
+    """Every image below `folder`, sorted, skipping hidden subfolders. Links to folders are followed, each real
+    folder once, and never up to `folder` or a folder above it: such links would list images again and again."""
+    found, seen = [], set()
+    top = os.path.realpath(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        above = dirpath != folder and (real == top or top.startswith(real.rstrip(os.sep) + os.sep))
+        if real in seen or above:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [name for name in dirnames if not name.startswith(".")]
         found.extend(os.path.join(dirpath, name) for name in filenames if is_image_file(name))
     return sorted(found)
@@ -103,30 +113,151 @@ def _reason(error: Exception) -> str:
 
 
 class UnreadableImage(ValueError):
-    """Neither decoder could read the bytes; the message names both reasons."""
+    """Neither decoder could read the bytes, or the header promises too many pixels; the message says which."""
 
 
-def decode_rgb(data: np.ndarray) -> torch.Tensor:
+# The most pixels an image's header may promise before anything is decoded (data.max_image_pixels): PIL's own
+# bound (Image.MAX_IMAGE_PIXELS, 89,478,485) rounded up. A decoder allocates what the header says before it reads a
+# pixel, so a 100 KB file claiming 65500x65500 would cost 12.9 GB. 100 million RGB pixels are 300 MB decoded.
+MAX_IMAGE_PIXELS = 100_000_000
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
+_INFLATE_PIECE = 1 << 20  # a damaged PNG's pixel stream is inflated this many bytes at a time, never all at once
+
+
+def _png_header(data: np.ndarray) -> tuple[int, int, int, int, int] | None:
+    """(width, height, bit depth, colour type, interlace method) from a PNG's IHDR, None for anything else."""
+    if len(data) < 33 or data[:8].tobytes() != PNG_SIGNATURE or data[12:16].tobytes() != b"IHDR":
+        return None
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29].tobytes())
+    return width, height, depth, colour, interlace
+
+
+def header_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from the header alone, nothing decoded: the PNG IHDR, libjpeg's header reader for colour and
+    grey JPEGs, PIL's lazy open for the rest. None when no reader recognizes the header: then the decoders say why.
+
+    PIL refuses to open a header over twice its own Image.MAX_IMAGE_PIXELS; that is reported as an UnreadableImage.
+    """
+    png = _png_header(data)
+    if png is not None:
+        return png[0], png[1]
+    if jpeg_size is not None and data[:2].tobytes() == b"\xff\xd8":
+        size = jpeg_size(data)
+        if size is not None:
+            return size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller applies its own limit
+            with Image.open(io.BytesIO(data)) as opened:
+                return opened.size
+    except Image.DecompressionBombError as error:
+        raise UnreadableImage(
+            f"{_reason(error)} (PIL's own limit, which data.max_image_pixels cannot raise for this format)"
+        ) from None
+    except Exception:  # noqa: BLE001 - no header PIL knows: the decoders report the file
+        return None
+
+
+def check_image_size(data: np.ndarray, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+    """An UnreadableImage if the header promises more than `max_pixels` pixels (None: no limit)."""
+    if max_pixels is None:
+        return
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        width, height = size
+        raise UnreadableImage(
+            f"its header says {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}: "
+            "a decompression bomb or a huge scan; raise data.max_image_pixels if it is a real image"
+        )
+
+
+def _png_problem(data: np.ndarray) -> str | None:
+    """Why torchvision must not decode this PNG, or None when it may.
+
+    torchvision's PNG decoder (0.29) ends the process with a segmentation fault when libpng fails on the pixel rows:
+    a flipped bit in the compressed stream, fewer rows than the header says, a bad row filter. Neither a try nor a
+    loader worker survives that. So the pixel stream is inflated here first, a piece at a time, and checked: its
+    chunk CRCs, its zlib integrity, its length against the header's size and each row's filter byte. That adds half
+    to two thirds of torchvision's decode time for photos (one more inflate; 28 px images: 20 us). Anything it cannot
+    vouch for (interlaced rows, extra data) goes to PIL, which raises instead of crashing.
+    """
+    header = _png_header(data)
+    if header is None:
+        return None  # not a PNG: torchvision's other decoders raise on damaged data
+    width, height, depth, colour, interlace = header
+    samples = _PNG_SAMPLES.get(colour)
+    if samples is None or depth not in (1, 2, 4, 8, 16):
+        return None  # libpng refuses the header itself, which torchvision reports as an error
+    if interlace:
+        return "interlaced PNG, decoded by PIL"
+    stride = (width * samples * depth + 7) // 8 + 1  # each row: a filter byte, then the packed samples
+    expected, inflated = stride * height, 0
+    inflater = zlib.decompressobj()
+    buffer, position, in_rows = memoryview(data), 8, False
+    while position + 8 <= len(data) and not inflater.eof:
+        length = struct.unpack(">I", buffer[position:position + 4])[0]
+        kind = buffer[position + 4:position + 8].tobytes()
+        if kind != b"IDAT":
+            if in_rows or kind == b"IEND":
+                break  # libpng wants the rows' IDAT chunks one after another: the stream ends early
+            position += 12 + length
+            continue
+        in_rows = True
+        if position + 12 + length > len(data):
+            return "PNG pixel data cut short"
+        stored = struct.unpack(">I", buffer[position + 8 + length:position + 12 + length])[0]
+        if zlib.crc32(buffer[position + 4:position + 8 + length]) != stored:
+            return "PNG pixel data damaged (a chunk's CRC does not match)"
+        piece = buffer[position + 8:position + 8 + length]
+        while piece:
+            try:
+                rows = inflater.decompress(piece, min(_INFLATE_PIECE, expected - inflated + 1))
+            except zlib.error as error:
+                return f"PNG pixel data damaged (zlib: {error})"
+            piece = inflater.unconsumed_tail
+            filters = np.frombuffer(rows, dtype=np.uint8)[(-inflated) % stride:max(0, expected - inflated):stride]
+            if filters.size and int(filters.max()) > 4:
+                return "PNG pixel data damaged (a row filter that does not exist)"
+            inflated += len(rows)
+            if inflated > expected:
+                return "PNG pixel data longer than its header's size"
+        position += 12 + length
+    if inflated < expected or not inflater.eof:
+        return f"PNG pixel data ends early ({inflated:,} of {expected:,} bytes)"
+    return None
+
+
+def decode_rgb(data: np.ndarray, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Encoded image bytes (a uint8 array) to a uint8 (3, H, W) RGB tensor; grayscale and 16-bit images included.
 
     torchvision decodes JPEG, PNG, GIF and WebP; PIL takes the rest (BMP, TIFF, and WebP where torchvision was built
-    without it). EXIF orientation is not applied, like the original and torchvision's ImageFolder. Raises
-    UnreadableImage (a ValueError) naming both decoders' reasons when neither can read the data.
+    without it), and PNGs whose pixel stream fails the check that keeps torchvision from crashing (_png_problem).
+    EXIF orientation is not applied, like the original and torchvision's ImageFolder. Raises UnreadableImage (a
+    ValueError) naming both decoders' reasons when neither can read the data, and, before decoding anything, when
+    the header promises more than `max_pixels` pixels (None: the caller has checked).
     """
+    check_image_size(data, max_pixels)
+    reason = _png_problem(data)
+    if reason is None:
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work, and this package
+                # stays on them while it supports torchvision 0.26.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB)
+            return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
+        except Exception as torchvision_error:  # noqa: BLE001 - any decoder failure means: try PIL
+            reason = f"torchvision: {_reason(torchvision_error)}"
     try:
         with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work, and this package
-            # stays on them while it supports torchvision 0.26.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB)
-        return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
-    except Exception as torchvision_error:  # noqa: BLE001 - any decoder failure means: try PIL
-        try:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size was checked above
             with Image.open(io.BytesIO(data)) as opened:
                 rgb = np.array(opened.convert("RGB"))
-        except Exception as pil_error:  # noqa: BLE001 - reported together with torchvision's reason
-            raise UnreadableImage(f"torchvision: {_reason(torchvision_error)}; PIL: {_reason(pil_error)}") from pil_error
-        return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    except Exception as pil_error:  # noqa: BLE001 - reported together with torchvision's reason
+        raise UnreadableImage(f"{reason}; PIL: {_reason(pil_error)}") from pil_error
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
 # torchvision resizes uint8 images with torch's own uint8 kernel where torch has a vectorized one (AVX2, AVX-512, Arm);
@@ -271,9 +402,11 @@ def _decode_box(data: np.ndarray, box, output_size: tuple[int, int]) -> torch.Te
     return TF.resize_image(region, list(output_size), InterpolationMode.BILINEAR, antialias=True)[0]
 
 
-def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def decode_transformed(
+    data: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor], max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> torch.Tensor:
     """transform(decode_rgb(data)), decoding only the JPEG's crop box, at 1/2, 1/4 or 1/8 of its size where the
-    first stage allows.
+    first stage allows. A header promising more than `max_pixels` pixels is an UnreadableImage, as in decode_rgb.
 
     When the transform is a Compose whose first stage is a bilinear, antialiased RandomResizedCrop or Resize, the
     stage's parameters (the crop box) are drawn from the header's image size first, with exactly the random draws
@@ -286,6 +419,7 @@ def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], tor
     or a stream either decoder refuses, is decoded in full and the stage applied with the parameters already drawn:
     exactly the plain path.
     """
+    check_image_size(data, max_pixels)
     stages = transform.transforms if isinstance(transform, v2.Compose) else []
     first = stages[0] if stages else None
     reducible = (
@@ -296,13 +430,13 @@ def decode_transformed(data: np.ndarray, transform: Callable[[torch.Tensor], tor
     )
     size = _jpeg_size(data) if reducible else None
     if size is None:
-        return transform(decode_rgb(data))
+        return transform(decode_rgb(data, max_pixels=None))
     params = _draw_params(first, *size)
     box, output_size = _resize_geometry(first, params, *size)
     scale = dct_scale(box, output_size)
     image = _decode_reduced(data, scale, box, output_size) if scale > 1 else _decode_box(data, box, output_size)
     if image is None:
-        image = first.transform(decode_rgb(data), params)
+        image = first.transform(decode_rgb(data, max_pixels=None), params)
     for stage in stages[1:]:
         image = _run_stage(stage, image)
     return image
@@ -332,8 +466,10 @@ def read_bytes(path: str) -> np.ndarray:
 class ImageFolderDataset(Dataset):
     """Decoded, augmented samples: dataset[i] is (uint8 (3, H, W) image, label, i).
 
-    An image that cannot be read or decoded gives a warning naming the file and the image None, which
-    `collate_skipping_failures` drops and counts, so one bad file never stops a run.
+    An image that cannot be read, decoded or transformed (any exception, MemoryError included), or whose header
+    promises more than `max_image_pixels` pixels, gives a warning naming the file and the image None, which
+    `collate_skipping_failures` drops and counts, so one bad file never stops a run. `max_image_pixels` is
+    data.max_image_pixels.
 
     Augmentation is a pure function of (seed, epoch, index): torch's global CPU generator (which torchvision's
     transforms draw from) is seeded from the three (`sample_seed`) right before the transform and restored right
@@ -345,7 +481,9 @@ class ImageFolderDataset(Dataset):
     of copying them as reference counts change (a known DataLoader memory growth).
     """
 
-    def __init__(self, samples: list[Sample], transform: Callable[[torch.Tensor], torch.Tensor] | None, seed: int = 0):
+    def __init__(self, samples: list[Sample], transform: Callable[[torch.Tensor], torch.Tensor] | None, seed: int = 0,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
+        self.max_image_pixels = max_image_pixels
         self._paths = np.array([os.fsencode(path) for path, _ in samples], dtype=np.bytes_)
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.transform = transform
@@ -374,9 +512,14 @@ class ImageFolderDataset(Dataset):
         label = int(self.labels[index])
         try:
             data = read_bytes(path)
-            image = decode_rgb(data) if self.transform is None else self._decode_transformed_seeded(data, index)
-        except (OSError, UnreadableImage) as error:
-            warnings.warn(f"skipping unreadable image {path}: {error}")
+            # Before any decoder (the device's nvJPEG included) allocates what the header promises.
+            check_image_size(data, self.max_image_pixels)
+            image = (decode_rgb(data, max_pixels=None) if self.transform is None
+                     else self._decode_transformed_seeded(data, index))
+        except Exception as error:  # noqa: BLE001 - whatever one file does (MemoryError included), the run goes on
+            reason = _reason(error) if isinstance(error, (OSError, UnreadableImage)) else (
+                f"{type(error).__name__}: {_reason(error)}")
+            warnings.warn(f"skipping unreadable image {path}: {reason[:500]}")
             return None, label, index
         return image, label, index
 
@@ -396,6 +539,6 @@ class ImageFolderDataset(Dataset):
         # The CPU generator only: torch.manual_seed would also reseed every CUDA generator.
         generator.manual_seed(self.augmentation_seed(index))
         try:
-            return decode_transformed(data, self.transform)
+            return decode_transformed(data, self.transform, max_pixels=None)  # __getitem__ checked the size
         finally:
             generator.set_state(saved)

@@ -176,12 +176,14 @@ def build_loader(
     persistent_workers: bool | None = None,
     prefetch_factor: int = 2,
     collate_fn=None,
+    worker_init_fn=None,
 ) -> EpochDataLoader:
     """Batches of `collate_skipping_failures` in the sampler's order.
 
     drop_last=True is for training (the original drops the remainder there); evaluation keeps every sample.
     pin_memory defaults to whether CUDA is available, persistent_workers to whether there are workers, so the
-    workers (and their decoders) survive between epochs. `collate_fn` replaces `collate_skipping_failures`.
+    workers (and their decoders) survive between epochs. `collate_fn` replaces `collate_skipping_failures`;
+`worker_init_fn` runs first in each worker.
     """
     if batch_size < 1:
         raise VitkitError(f"batch_size must be at least 1, got {batch_size}")
@@ -194,6 +196,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn or collate_skipping_failures,
+        worker_init_fn=worker_init_fn,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=with_workers if persistent_workers is None else persistent_workers and with_workers,

@@ -57,6 +57,14 @@ def interpolation_mode(name: str) -> InterpolationMode:
     return mode
 
 
+# The eval resize's longer side is capped at this many times the shorter side's target (torchvision's max_size):
+# shorter side to 256 makes a 1 x 65500 image 256 x 16.8 million (12.9 GB) before the center crop. Up to 64:1 (a
+# panorama) nothing changes; past it the longer side stops at 64 x resize_size (16384 px for 256, 12.6 MB), the
+# shorter one shrinks below resize_size, and the center crop pads it with zeros. An image so thin that its shorter
+# side would shrink to 0 pixels (over 4096:1) cannot be resized: its dataset item is skipped as unreadable.
+EVAL_MAX_ASPECT = 64
+
+
 def eval_resize_size(image_size: int) -> int:
     """The eval resize of the shorter side before the center crop: the original's size / 0.875, rounded to 16."""
     return int(int(image_size / 0.875 / 16 + 0.5) * 16)
@@ -179,13 +187,15 @@ def eval_transform(image_size: int, interpolation: str = "BILINEAR", resize_size
     """The evaluation pipeline: the shorter side to `resize_size`, then the center image_size x image_size crop.
 
     resize_size None or 0 is the original's eval_resize_size(image_size), 256 for 224. Small images (28 px
-    Fashion-MNIST) want resize_size = image_size instead: the formula would crop away 40% of them.
+    Fashion-MNIST) want resize_size = image_size instead: the formula would crop away 40% of them. The longer side
+    is capped at EVAL_MAX_ASPECT x resize_size.
     """
     resize_size = resize_size or eval_resize_size(image_size)
     if resize_size < image_size:
         raise VitkitError(f"the eval resize size {resize_size} is below the crop size {image_size}; raise it or use 0")
     return v2.Compose([
-        v2.Resize(resize_size, interpolation=interpolation_mode(interpolation), antialias=True),
+        v2.Resize(resize_size, interpolation=interpolation_mode(interpolation), antialias=True,
+                  max_size=EVAL_MAX_ASPECT * resize_size),
         v2.CenterCrop(image_size),
     ])
 

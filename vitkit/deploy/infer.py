@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from vitkit.data.folder import ImageFolderDataset, list_flat_folder, list_image_folder
+from vitkit.data.folder import MAX_IMAGE_PIXELS, ImageFolderDataset, list_flat_folder, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.deploy.metadata import Preprocessing, normalization_name
 from vitkit.deploy.onnx_runtime import OnnxModel
@@ -90,6 +90,7 @@ def infer_folder(
     batch_size: int = 32,
     num_workers: int = 1,
     save_logits: str | os.PathLike | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> InferResult:
     model.check_input_size(preprocessing.image_size)
     samples, labelled = list_samples(data_dir, model.num_classes)
@@ -99,7 +100,7 @@ def infer_folder(
         check_unique_stems(paths)
         out_dir = Path(save_logits)
         out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = ImageFolderDataset(samples, preprocessing.transform())
+    dataset = ImageFolderDataset(samples, preprocessing.transform(), max_image_pixels=max_image_pixels)
     sampler = ShardSampler(len(samples), rank=0, world_size=1, shuffle=False, pad=False)
     loader = build_loader(dataset, sampler, batch_size, usable_workers(num_workers), drop_last=False, pin_memory=False)
     hits1 = hits5 = images = skipped = 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitkit.data.folder import decode_rgb, read_bytes
+from vitkit.data.folder import MAX_IMAGE_PIXELS, decode_rgb, read_bytes
 from vitkit.deploy.infer import resolve_preprocessing
 from vitkit.deploy.metadata import ModelCard
 from vitkit.errors import VitkitError
@@ -63,13 +63,16 @@ class _TorchClassifier(_Classifier):
         from vitkit.deploy.export import PT2_CARD_FILE
 
         if path.lower().endswith(".pt2"):
-            extra = {PT2_CARD_FILE: ""}
+            from vitkit.model.formats.pt2 import load_pt2_program
+
+            # Checked first: torch.export.load alone would unpickle parts of the archive and exec its guards.
+            program, extra = load_pt2_program(path)
             try:
-                self.module = torch.export.load(path, extra_files=extra).module()
-            except Exception as exc:  # noqa: BLE001 - torch.export raises many types for a bad archive
+                self.module = program.module()
+            except Exception as exc:  # noqa: BLE001 - torch.export raises many types for a bad program
                 raise VitkitError(f"'{path}' is not a readable .pt2 program ({' '.join(str(exc).split())[:160]})") from None
-            self.card = ModelCard.from_json(extra[PT2_CARD_FILE])
-            self.side = None  # its guards check the size; the card's size is the one it was exported at
+            self.card = ModelCard.from_json(extra.get(PT2_CARD_FILE, ""))
+            self.side = None  # its range constraints check the size; the card's size is the one it was exported at
             self.num_classes = None
             return
         from vitkit.engine.checkpoint import newest_weights
@@ -119,13 +122,32 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
+def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """The decoded image, or a VitkitError naming the file: missing, not an image, or a header promising more than
+    `max_pixels` pixels (checked before anything is decoded)."""
     if not os.path.isfile(path):
         raise VitkitError(f"image {path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
     try:
-        return decode_rgb(read_bytes(path))
-    except ValueError as exc:
-        raise VitkitError(f"{path} is not an image vitkit can read ({exc})") from None
+        return decode_rgb(read_bytes(path), max_pixels=max_pixels)
+    except ValueError as exc:  # UnreadableImage: neither decoder read it, or its header promises too many pixels
+        raise VitkitError(f"{path} is not an image vitkit can read ({str(exc)[:300]})") from None
+    except (OSError, MemoryError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise VitkitError(f"cannot read image {path} ({type(exc).__name__}: {reason})") from None
+
+
+def prepare_image(path: str | os.PathLike, transform, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """transform(load_image(path)); an image the eval pipeline cannot resize (a 1 x 65500 strip: its shorter side
+    would shrink to nothing under the resize's bound) or that runs out of memory is a VitkitError naming it."""
+    image = load_image(path, max_pixels)
+    try:
+        return transform(image)
+    except (MemoryError, RuntimeError, ValueError) as exc:
+        height, width = image.shape[-2:]
+        raise VitkitError(
+            f"image {path} ({width}x{height}) cannot be prepared for the model "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): give a photo-shaped image"
+        ) from None
 
 
 def predict(
@@ -141,7 +163,8 @@ def predict(
         warn_on_other_normalization(classifier.source, preprocessing.normalization, model_path)
     names = class_names or (list(card.class_names) if card.class_names else None)
     transform = preprocessing.transform()
-    batch = torch.stack([transform(load_image(path)) for path in images])
+    max_pixels = cfg.data.max_image_pixels if cfg is not None else MAX_IMAGE_PIXELS
+    batch = torch.stack([prepare_image(path, transform, max_pixels) for path in images])
     logits = classifier(preprocessing.normalize(batch).numpy()).astype(np.float64)
     if names is not None and len(names) < logits.shape[1]:
         raise VitkitError(f"{len(names)} class names for {logits.shape[1]} classes: give one name per class")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vitkit.errors import VitkitError
+from vitkit.faults import fault_point
 from vitkit.fileio import atomic_path
 from vitkit.model.formats.huggingface import is_huggingface_folder
 from vitkit.model.loading import save_model
@@ -108,12 +110,37 @@ def load_shards(folder: Path, name: str, model, optimizer) -> None:
 def save_training_checkpoint(folder: Path, stem: str, state: dict, model, weights: dict) -> Path:
     """Write `stem.safetensors` (the full weights) and then `stem.pt` (everything else a resume needs, plus the model
     and optimizer unless they are in a `stem.dcp` folder), each atomically. The .pt comes last: a checkpoint is only
-    listed once every file it names is complete."""
-    save_model(model, folder / f"{stem}{WEIGHTS_SUFFIX}", class_names=state.get("class_names"), state_dict=weights)
-    full = folder / f"{stem}{FULL_SUFFIX}"
-    with atomic_path(full) as tmp:
-        torch.save(state, tmp)
+    listed once every file it names is complete, and a save that fails takes its .safetensors back. A failed write
+    (a full disk, a quota, a file size limit) is a VitkitError; the checkpoints written before are untouched."""
+    weights_path, full = folder / f"{stem}{WEIGHTS_SUFFIX}", folder / f"{stem}{FULL_SUFFIX}"
+    try:
+        save_model(model, weights_path, class_names=state.get("class_names"), state_dict=weights)
+        fault_point("checkpoint_weights_written")
+        with atomic_path(full) as tmp:
+            torch.save(state, tmp)
+    except Exception as error:  # noqa: BLE001 - safetensors and torch.save report a short write in their own types
+        if not full.exists():
+            weights_path.unlink(missing_ok=True)
+        previous = [path.name for path in list_checkpoints(folder)]
+        kept = f"the newest checkpoint, {previous[-1]}, is intact" if previous else "no checkpoint was written before"
+        reason = " ".join(str(error).split())[:200]
+        raise VitkitError(f"could not write checkpoint {stem} in {folder} ({reason}): {kept}; if the disk is full, "
+                          "free space there or lower checkpoint.keep_checkpoint_max, then resume with --resume auto"
+                          ) from None
     return full
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """What a save killed half-way leaves: temporary files of atomic writes and a checkpoint's .safetensors without
+    its .pt. Rank 0 removes them when a run starts in the folder; returns what it removed."""
+    if not folder.is_dir():
+        return []
+    leftovers = [path for path in folder.glob(".*.tmp") if path.is_file()]
+    leftovers += [path for path in folder.glob(f"*-*_*{WEIGHTS_SUFFIX}")
+                  if _position(path) != (-1, -1) and not path.with_suffix(FULL_SUFFIX).exists()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def prune_checkpoints(folder: Path, keep: int, protect: str = "") -> None:
@@ -155,14 +182,20 @@ def load_training_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def resolve_resume(resume: str, folder: Path) -> Path | None:
-    """`auto` means the newest full checkpoint in the output folder (none yet: start fresh); else a path."""
+def load_resume_state(resume: str, folder: Path) -> tuple[Path | None, dict | None]:
+    """(path, state) of the checkpoint to continue from: none for '' (a fresh run); for `auto` the newest readable
+    full checkpoint in the output folder (none yet: a fresh run), each unreadable newer one skipped with a warning
+    that names it; else the given path, which must be readable."""
     if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(folder)
-        return found[-1] if found else None
-    return Path(resume)
+        return None, None
+    if resume != "auto":
+        return Path(resume), load_training_checkpoint(resume)
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_training_checkpoint(path)
+        except VitkitError as error:
+            warnings.warn(f"skipping checkpoint {path.name}, which cannot be read ({error}); trying an older one")
+    return None, None
 
 
 def arch_dict(model) -> dict:

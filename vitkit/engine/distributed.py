@@ -21,6 +21,12 @@ class DistContext:
     local_world_size: int = 1  # processes on this machine, sharing its CPU cores
     owns_group: bool = False
 
+    def wait_for_all(self) -> None:
+        """After a run that ended well on every rank: leave together. A rank that tore its group down while another
+        still used it was seen to abort at exit ("terminate called without an active exception", FSDP on gloo)."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -11,6 +11,7 @@ from vitkit.engine.build import autocast_context, pick_device, resolve_precision
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.engine.distributed import setup_distributed
 from vitkit.errors import VitkitError
+from vitkit.faults import fault_point
 from vitkit.progress import progress_bar
 from vitkit.metrics import TopKCounts as EvalResult
 from vitkit.model.loading import model_from_weights, read_weights
@@ -45,6 +46,7 @@ def evaluate(
     blank_forwards = _most_batches(len(loader), device) if _is_sharded(model) else 0
     bar = progress_bar(len(loader), "eval", progress, enabled=not dist.is_initialized() or dist.get_rank() == 0)
     for images, labels, indices, failed in loader:
+        fault_point("eval_batch")
         bar.update(1)
         failed_total += failed
         if not images.shape[0]:
@@ -102,7 +104,8 @@ def _evaluate_checkpoint(cfg, model_path: str, context, report_dir: str = "") ->
     model = model_from_weights(weights, **overrides).to(device).eval()
     samples, folder_classes = list_image_folder(cfg.data.val_path, model.arch.num_classes)
     dataset = ImageFolderDataset(
-        samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None)
+        samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None),
+        max_image_pixels=cfg.data.max_image_pixels,
     )
     # No padding: every image is read by exactly one rank, so the summed counts equal one process's.
     sampler = ShardSampler(len(samples), rank=context.rank, world_size=context.world_size, shuffle=False, pad=False)

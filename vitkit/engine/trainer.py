@@ -25,8 +25,15 @@ from vitkit.engine.lr_schedule import PerStepLR, build_lr_schedule
 from vitkit.engine.optim import build_optimizer, centralize_gradients
 from vitkit.engine.runlog import RunLog, StepWindow, format_epoch_line, format_step_line, host_ip
 from vitkit.engine.scalar_logs import open_scalar_logs
+from vitkit.engine.preemption import Preempted, StopRequests, ignore_stop_signals
 from vitkit.errors import VitkitError
+from vitkit.faults import fault_point
 from vitkit.progress import progress_bar
+
+# Under fp16 the scaler halves its scale at every overflowing step; below this no step can be finite any more.
+_SMALLEST_LOSS_SCALE = 2.0**-16
+# Several processes agree on a stop signal every this many steps; a preempted job has tens of seconds to stop.
+_STOP_CHECK_STEPS = 10
 
 
 def _mix_seed(seed: int, step: int) -> int:
@@ -64,8 +71,9 @@ class Trainer:
         # its newest checkpoint, not from the one the command first resumed from.
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         resume = "auto" if restarted and ckpt.list_checkpoints(self.output_dir) else cfg.train.resume
-        resume_path = ckpt.resolve_resume(resume, self.output_dir)
-        resume_state = ckpt.load_training_checkpoint(resume_path) if resume_path is not None else None
+        if self.is_main:
+            ckpt.remove_leftovers(self.output_dir)
+        resume_path, resume_state = ckpt.load_resume_state(resume, self.output_dir)
         if resume_path is None and self.is_main:
             self._refuse_to_overwrite()
         self.log = RunLog(cfg.logging.log_dir or self.output_dir, rank=self.dist.rank, console=self.is_main,
@@ -80,6 +88,7 @@ class Trainer:
             self._resume(resume_path, resume_state)
             self.log.forget_after(self.progress.epoch, self.progress.global_step)
         self.scalar_logs = None
+        self.stops = StopRequests()
         self._run_started = time.perf_counter()
 
     # ---- set-up -----------------------------------------------------------------------------------------------
@@ -106,7 +115,8 @@ class Trainer:
                                     normalization=data.normalization)
         self.decode_on_device = data.decode_on == "device"
         dataset_class = EncodedCropDataset if self.decode_on_device else ImageFolderDataset
-        self.train_set = dataset_class(train_samples, transform, seed=cfg.train.seed)
+        self.train_set = dataset_class(train_samples, transform, seed=cfg.train.seed,
+                                       max_image_pixels=data.max_image_pixels)
         self.train_sampler = ShardSampler(len(train_samples), rank=self.dist.rank, world_size=self.dist.world_size,
                                           shuffle=True, seed=cfg.train.seed, pad=True)
         self.steps_per_epoch = len(self.train_sampler) // data.batch_size
@@ -117,14 +127,15 @@ class Trainer:
             )
         self.train_loader = build_loader(self.train_set, self.train_sampler, data.batch_size,
                                          self._workers(data.num_workers), drop_last=True,
-                                         collate_fn=collate_encoded if self.decode_on_device else None)
+                                         collate_fn=collate_encoded if self.decode_on_device else None,
+                                         worker_init_fn=ignore_stop_signals)
         val_set = ImageFolderDataset(val_samples, eval_transform(cfg.eval.image_size, interpolation=data.interpolation,
                                                                  resize_size=cfg.eval.resize_size or None),
-                                     seed=cfg.train.seed)
+                                     seed=cfg.train.seed, max_image_pixels=data.max_image_pixels)
         val_sampler = ShardSampler(len(val_samples), rank=self.dist.rank, world_size=self.dist.world_size,
                                    shuffle=False, seed=cfg.train.seed, pad=False)
         self.val_loader = build_loader(val_set, val_sampler, cfg.eval.batch_size, self._workers(cfg.eval.num_workers),
-                                       drop_last=False)
+                                       drop_last=False, worker_init_fn=ignore_stop_signals)
 
     def _workers(self, wanted: int) -> int:
         usable = usable_workers(wanted, self.dist.local_world_size)
@@ -186,20 +197,23 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }, weights
 
-    def _save(self) -> None:
-        """Every rank calls it at the same steps; rank 0 alone writes files (besides FSDP's own shards)."""
+    def _save(self) -> Path | None:
+        """Every rank calls it at the same steps; rank 0 alone writes files (besides FSDP's own shards). Returns
+        the checkpoint's .pt (written by rank 0), or None when checkpoints are off."""
         if not self.cfg.checkpoint.save_checkpoint:
-            return
+            return None
         stem = ckpt.checkpoint_stem(self.cfg.model.name, self.progress.epoch + 1, self.progress.step_in_epoch)
+        path = self.output_dir / f"{stem}{ckpt.FULL_SUFFIX}"
         state, weights = self._state(stem)
         if not self.is_main:
-            return
+            return path
         if self.progress.step_in_epoch == self.steps_per_epoch:
             # At an epoch's end the position is the start of the next one; the name keeps the original's `-{e}_{steps}`.
             state["progress"].update(epoch=self.progress.epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_failed=0,
                                      epoch_samples=0)
         ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model, weights)
         ckpt.prune_checkpoints(self.output_dir, self.cfg.checkpoint.keep_checkpoint_max, protect=self.progress.best_stem)
+        return path
 
     def _resume(self, path: Path, state: dict) -> None:
         if state["arch"] != ckpt.arch_dict(self.model):
@@ -264,6 +278,7 @@ class Trainer:
         loss = logits.float().sum() * 0.0 if empty else self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        fault_point("step_backward")
         if self.cfg.optimizer.gc_flag:
             centralize_gradients(self.optimizer.param_groups)  # linear, so it commutes with the loss scale
         if self.cfg.optimizer.clip_grad_norm > 0:
@@ -294,20 +309,29 @@ class Trainer:
                            enabled=self.is_main)
         save_every = self.cfg.checkpoint.save_checkpoint_steps
         window = StepWindow(progress.step_in_epoch)
+        # Per step, on the device (no host sync): the first global step whose loss was not finite, and the images
+        # this rank trained on. Both are read where the run stops anyway (step lines, saves, the epoch's end).
+        first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        trained = 0
         batches = iter(self.train_loader)
         while progress.step_in_epoch < steps_total:
             with window.waiting():
                 batch_or_end = next(batches, None)
             if batch_or_end is None:
                 break
+            fault_point("batch_fetched")
             images, labels, _, failed = batch_or_end
             if self.decode_on_device:
                 size = (self.cfg.model.image_size,) * 2
                 images, labels, unreadable = decode_batch(images, labels, self.device, size)
                 failed += unreadable
             window.images += len(labels)
+            trained += len(labels)
             if images.shape[0] or self.dist.world_size > 1:
-                loss_sum += self._train_step(images, labels)
+                loss = self._train_step(images, labels)
+                loss_sum += loss
+                first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
+                                              progress.global_step + 1, first_nonfinite)
             else:
                 self.scheduler.step()  # every image of the batch was unreadable: keep the schedule on its steps
             progress.step_in_epoch += 1
@@ -316,19 +340,53 @@ class Trainer:
             bar.update(1)
             if profiler is not None:
                 profiler.step()
+            fault_point("step_end")
             interval = self.cfg.logging.log_interval
             if interval and progress.step_in_epoch % interval == 0:
+                self._stop_if_diverged(first_nonfinite)
                 self._log_step(window, loss_sum)
                 window = StepWindow(progress.step_in_epoch)
-            if save_every and progress.global_step % save_every == 0 and progress.step_in_epoch < steps_total:
+            at_save = save_every and progress.global_step % save_every == 0 and progress.step_in_epoch < steps_total
+            stop_signal = self._stop_signal() if progress.step_in_epoch < steps_total else 0
+            if at_save or stop_signal:
+                self._stop_if_diverged(first_nonfinite)
                 self._add_to_epoch_totals(loss_sum, failed_sum)
                 loss_sum.zero_()
                 failed_sum = 0
-                self._save()
+                saved = self._save()
+                if stop_signal:
+                    raise Preempted(stop_signal, saved)
         bar.close()
-        self._add_to_epoch_totals(loss_sum, failed_sum)
+        self._stop_if_diverged(first_nonfinite)
+        self._add_to_epoch_totals(loss_sum, failed_sum, trained)
         elapsed = time.perf_counter() - started
         return progress.epoch_loss_sum / max(progress.step_in_epoch, 1), elapsed
+
+    def _stop_signal(self, always: bool = False) -> int:
+        """SIGTERM/SIGUSR1 received (by any rank). One process looks at every step. Several agree (an all-reduce,
+        which waits for the step) every _STOP_CHECK_STEPS global steps, and `always` at an epoch's end: every rank
+        asks at the same steps, so all stop at the same one."""
+        if self.dist.world_size > 1 and not always and self.progress.global_step % _STOP_CHECK_STEPS:
+            return 0
+        return self.stops.agreed(self.device, self.dist.world_size)
+
+    def _stop_if_diverged(self, first_nonfinite: torch.Tensor) -> None:
+        """A non-finite loss ends the run before anything of it is saved. Under fp16 the loss scaler skips such
+        steps and halves its scale; the run stops only once the scale has fallen below any useful value."""
+        if self.precision == "fp16":
+            scale = self.scaler.get_scale()
+            if scale >= _SMALLEST_LOSS_SCALE:
+                return
+            problem = f"the fp16 loss scale fell to {scale:.3g}: every step overflows"
+        else:
+            step = int(first_nonfinite)  # waits for the steps so far
+            if step < 0:
+                return
+            problem = f"the training loss was not finite at step {step}"
+        saved = ckpt.list_checkpoints(self.output_dir)
+        last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+        raise VitkitError(f"{problem} (epoch {self.progress.epoch}): the run stopped and saved nothing of it; {last}; "
+                          f"lower schedule.lr_max ({self.cfg.schedule.lr_max:g}) or check the data")
 
     def _log_step(self, window: StepWindow, loss_sum: torch.Tensor) -> None:
         """The step line: this rank's running loss of the epoch, the window's speed and data wait, the ETAs."""
@@ -361,16 +419,23 @@ class Trainer:
             return None
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _add_to_epoch_totals(self, loss_sum: torch.Tensor, failed: int) -> None:
+    def _add_to_epoch_totals(self, loss_sum: torch.Tensor, failed: int, trained: int | None = None) -> None:
         """Adds the step losses since the last call, averaged over the ranks, and the unreadable images, summed over
         them. Every rank calls it at the same steps (checkpoint saves and epoch ends), so this is one all-reduce
-        there rather than a host sync every step, and rank 0 saves the same totals every rank holds."""
-        sums = torch.stack([loss_sum, torch.tensor(float(failed), dtype=torch.float64, device=self.device)])
+        there rather than a host sync every step, and rank 0 saves the same totals every rank holds. At the epoch's
+        end, `trained` (the images this rank trained on in it) must add up to more than none over the ranks."""
+        counts = [float(failed), float(trained or 0)]
+        sums = torch.cat([loss_sum.reshape(1), torch.tensor(counts, dtype=torch.float64, device=self.device)])
         if self.dist.world_size > 1:
             dist.all_reduce(sums)
-        loss_total, failed_total = sums.tolist()
+        loss_total, failed_total, trained_total = sums.tolist()
         self.progress.epoch_loss_sum += loss_total / self.dist.world_size
         self.progress.epoch_failed += round(failed_total)
+        if trained is not None and trained_total == 0 and self.progress.step_in_epoch > 0:
+            raise VitkitError(
+                f"no image of epoch {self.progress.epoch} could be read ({self.progress.epoch_failed} unreadable, "
+                f"see the warnings): check data.train_path"
+            )
 
     def fit(self) -> dict:
         cfg, progress = self.cfg, self.progress
@@ -423,9 +488,15 @@ class Trainer:
                                     "eval/top1": accuracy, "eval/top5": record.get("top5")}, progress.global_step)
                 self.scalar_logs.flush()
             progress.step_in_epoch = self.steps_per_epoch
-            # The best epoch is saved too, so that pruning can keep it.
-            if (epoch + 1) % cfg.checkpoint.save_checkpoint_epochs == 0 or epoch + 1 == cfg.schedule.max_epoch or improved:
-                self._save()
+            # The best epoch is saved too, so that pruning can keep it; a stop signal saves the epoch's end as well.
+            stop_signal = self._stop_signal(always=True) if epoch + 1 < cfg.schedule.max_epoch else 0
+            saved = None
+            if ((epoch + 1) % cfg.checkpoint.save_checkpoint_epochs == 0 or epoch + 1 == cfg.schedule.max_epoch
+                    or improved or stop_signal):
+                saved = self._save()
+            fault_point("epoch_saved")
+            if stop_signal:
+                raise Preempted(stop_signal, saved)
             progress.epoch += 1
             progress.step_in_epoch = 0
             progress.epoch_loss_sum = 0.0
@@ -463,8 +534,16 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
+    """Train as the config says. SIGTERM or SIGUSR1 ends it with a checkpoint and `Preempted` (see preemption.py)."""
     trainer = Trainer(cfg)
+    trainer.stops.install()
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        trainer.dist.wait_for_all()
+        return result
+    except Preempted as stop:
+        trainer.log.info(str(stop))
+        raise
     finally:
+        trainer.stops.uninstall()
         trainer.dist.close()

@@ -15,11 +15,14 @@ import torch
 from vitkit.errors import VitkitError
 from vitkit.fileio import atomic_path
 from vitkit.model.presets import find_heads
-from vitkit.model.vit import STYLES, ViTArch, VisionTransformer, resample_pos_embed
+from vitkit.model.vit import STYLES, ViTArch, VisionTransformer, check_arch_fields, resample_pos_embed
 
 _ARCH_FIELDS = {f.name for f in dataclasses.fields(ViTArch)}
 # The numerics each source framework trains with; only these, not its dropout rates, matter for loading.
 _NUMERIC_KEYS = ("ln_eps", "gelu", "init")
+# Tensors whose shapes infer_arch reads, and how many dimensions each has.
+_SHAPE_SOURCES = {"patch_embed.proj.weight": 4, "blocks.0.mlp.fc1.weight": 2, "head.weight": 2,
+                  "pre_logits.fc.weight": 2, "pos_embed": 3}
 # Wrappers that other training loops put around a state_dict or its names.
 _STATE_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "module")
 _NAME_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -143,12 +146,29 @@ def _safetensors_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _read_safetensors(path: Path) -> Weights:
     state, metadata = _safetensors_tensors(path)
-    arch = json.loads(metadata["vitkit.arch"]) if "vitkit.arch" in metadata else {}
-    names = json.loads(metadata["vitkit.class_names"]) if "vitkit.class_names" in metadata else None
+    arch = _metadata_json(path, metadata, "vitkit.arch", dict)
+    check_arch_fields(arch, f"'{path}' metadata 'vitkit.arch'")
+    names = _metadata_json(path, metadata, "vitkit.class_names", list) or None
+    if names is not None and not all(isinstance(name, str) for name in names):
+        raise VitkitError(f"'{path}' metadata 'vitkit.class_names' is not a list of names: the file is damaged or not vitkit's")
     state = _strip_prefixes(state)
     if not arch and (foreign := _foreign_weights(state, path)):
         return foreign
     return Weights(state, "vitkit" if arch else "timm", arch, names)
+
+
+def _metadata_json(path: Path, metadata: dict, key: str, kind: type):
+    """A safetensors metadata entry holding JSON of one kind (empty when absent), or a one-line VitkitError."""
+    if key not in metadata:
+        return kind()
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, kind):
+        what = "a JSON object" if kind is dict else "a JSON list"
+        raise VitkitError(f"'{path}' metadata '{key}' is not {what}: the file is damaged or not vitkit's")
+    return value
 
 
 def _torch_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -182,6 +202,7 @@ def _torch_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def _read_torch(path: Path) -> Weights:
     tensors, loaded = _torch_tensors(path)
     arch = loaded.get("arch") if isinstance(loaded.get("arch"), dict) else {}
+    check_arch_fields(arch, f"'{path}' entry 'arch'")
     state = _strip_prefixes(tensors)
     if not arch and (foreign := _foreign_weights(state, path)):
         return foreign
@@ -208,12 +229,20 @@ def infer_arch(weights: Weights, **overrides) -> ViTArch:
             f"the checkpoint has no patch embedding ('patch_embed.proj.weight'; it has e.g. {', '.join(list(state)[:3])}): "
             "it is not a ViT in timm, vitkit or MindSpore model-zoo layout"
         )
+    for name, dims in _SHAPE_SOURCES.items():
+        if name in state and state[name].dim() != dims:
+            raise VitkitError(
+                f"the checkpoint's '{name}' has shape {tuple(state[name].shape)}, not {dims}-dimensional: "
+                "the file is damaged or not a ViT state_dict"
+            )
     embed = state["patch_embed.proj.weight"]
     fields: dict = {"embed_dim": embed.shape[0], "in_chans": embed.shape[1], "patch_size": embed.shape[2]}
     block_ids = {int(match[1]) for name in state if (match := re.match(r"blocks\.(\d+)\.", name))}
     fields["depth"] = len(block_ids)
     if fields["depth"] == 0:
         raise VitkitError("the checkpoint has no transformer blocks ('blocks.N.*'): it is not a ViT state_dict")
+    if "blocks.0.mlp.fc1.weight" not in state:
+        raise VitkitError("the checkpoint's first block has no MLP ('blocks.0.mlp.fc1.weight'): it is not a ViT state_dict")
     fields["mlp_dim"] = state["blocks.0.mlp.fc1.weight"].shape[0]
     fields["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
     fields["class_token"] = "cls_token" in state
@@ -269,13 +298,19 @@ def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], strict:
     if "pos_embed" in state and isinstance(model.pos_embed, torch.nn.Parameter):
         if state["pos_embed"].shape != model.pos_embed.shape:
             state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.arch.grid_size, model.arch.num_prefix_tokens)
-    own = model.state_dict()
+    _check_fit({name: tensor.shape for name, tensor in model.state_dict().items()}, state, strict)
+    model.load_state_dict(state, strict=False)
+
+
+def _check_fit(own: dict[str, torch.Size], state: dict[str, torch.Tensor], strict: bool, resampled=()) -> None:
+    """A one-line VitkitError unless `state` fits a model with parameters of the shapes in `own` (names in
+    `resampled` may differ in shape: load_state resamples them)."""
     missing = [name for name in own if name not in state]
     extra = [name for name in state if name not in own]
     mismatched = [
-        f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"
+        f"{name} {tuple(state[name].shape)} vs {tuple(own[name])}"
         for name in own
-        if name in state and state[name].shape != own[name].shape
+        if name in state and state[name].shape != own[name] and name not in resampled
     ]
     if mismatched:
         raise VitkitError(
@@ -291,7 +326,6 @@ def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], strict:
         raise VitkitError(
             f"checkpoint does not match the model: {'; '.join(problems)}: check depth/pooling/head or load non-strictly"
         )
-    model.load_state_dict(state, strict=False)
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", components=None, **overrides) -> VisionTransformer:
@@ -318,12 +352,23 @@ def model_from_weights(weights: Weights, *, components=None, **overrides) -> Vis
     dropped = ("pre_logits.",) * drop_pre_logits + ("head.",) * new_head
     state = {name: tensor for name, tensor in state.items() if not name.startswith(dropped)}
     # Built headless so that the strict load still checks every other tensor; the fresh head comes afterwards.
-    model = VisionTransformer(arch.replace(num_classes=0) if new_head else arch, components=components)
+    build = arch.replace(num_classes=0) if new_head else arch
+    # The tensors are checked against the architecture on a model without storage first: a file whose metadata
+    # claims a far larger model than its tensors hold is refused before anything that size is allocated. Position
+    # embeddings may differ only where the caller asked for another image size (they are then resampled).
+    _check_fit(_shapes_of(build, components), state, True, ("pos_embed",) if "image_size" in overrides else ())
+    model = VisionTransformer(build, components=components)
     load_state(model, state)
     if new_head:
         model.reset_classifier(arch.num_classes)
     model.class_names = None if new_head else weights.class_names
     return model
+
+
+def _shapes_of(arch: ViTArch, components=None) -> dict[str, torch.Size]:
+    """The state_dict shapes of the model `arch` describes, from a build on the meta device (no storage)."""
+    with torch.device("meta"):
+        return {name: tensor.shape for name, tensor in VisionTransformer(arch, components=components).state_dict().items()}
 
 
 def _write_mindspore(arch: ViTArch, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -23,6 +23,63 @@ _CHOICES = {
 }
 
 
+# The largest value of each size field that vitkit reads from a file (its metadata or its block names), well past
+# every preset (ViT-H: width 1280, depth 32) yet far below what would exhaust memory before a shape check could fail.
+ARCH_LIMITS = {
+    "patch_size": 1024, "embed_dim": 16384, "depth": 1024, "num_heads": 1024, "mlp_dim": 65536, "image_size": 16384,
+    "num_classes": 1_000_000, "in_chans": 64, "representation_size": 16384,
+}
+MAX_DEPTH = ARCH_LIMITS["depth"]
+# Position-table elements (tokens x width) a file may imply: its sin-cos table is computed, not stored, so no shape
+# check bounds it. ViT-H/14 at 518 pixels needs 1.8M; this is 268M (1 GiB of float32).
+MAX_POSITION_ELEMENTS = 1 << 28
+_INT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "image_size", "num_classes", "in_chans",
+               "representation_size")
+_BOOL_FIELDS = ("class_token", "fc_norm", "qkv_bias")
+_RATE_FIELDS = ("drop_rate", "proj_drop_rate", "mlp_drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def check_arch_fields(fields, where: str) -> dict:
+    """The ViTArch fields a file states (its metadata or config), each of ViTArch's type and within ARCH_LIMITS.
+
+    Checked before anything is built from them, so that no file can make vitkit allocate a model its tensors do not
+    hold; `where` names the metadata in the VitkitError. Fields ViTArch does not have are left for the caller to drop.
+    """
+    if not isinstance(fields, dict):
+        raise VitkitError(f"{where} is not a JSON object of architecture fields: the file is damaged or not vitkit's")
+
+    def bad(name: str, why: str) -> VitkitError:
+        return VitkitError(f"{where} has {name} {fields[name]!r}, {why}: the file is damaged or not vitkit's")
+
+    for name, value in fields.items():
+        if name in _INT_FIELDS:
+            low = 0 if name in ("num_classes", "representation_size") else 1
+            if type(value) is not int:
+                raise bad(name, "not an integer")
+            if not low <= value <= ARCH_LIMITS[name]:
+                raise bad(name, f"outside {low}..{ARCH_LIMITS[name]}")
+        elif name in _BOOL_FIELDS and type(value) is not bool:
+            raise bad(name, "not true or false")
+        elif name in _CHOICES and (not isinstance(value, str) or value not in _CHOICES[name]):
+            raise bad(name, f"not one of {', '.join(_CHOICES[name])}")
+        elif name == "ln_eps" and not (type(value) in (int, float) and 0 < value <= 1):
+            raise bad(name, "not a number in (0, 1]")
+        elif name in _RATE_FIELDS and not (type(value) in (int, float) and 0 <= value < 1):
+            raise bad(name, "not a rate in [0, 1)")
+    patch, image, width, heads = (fields.get(name) for name in ("patch_size", "image_size", "embed_dim", "num_heads"))
+    if patch and image and (patch > image or image % patch):
+        raise VitkitError(f"{where} has image_size {image} and patch_size {patch}, which does not divide it: "
+                          "the file is damaged or not vitkit's")
+    if width and heads and width % heads:
+        raise VitkitError(f"{where} has num_heads {heads}, which does not divide embed_dim {width}: "
+                          "the file is damaged or not vitkit's")
+    if patch and image and width and (image // patch) ** 2 * width > MAX_POSITION_ELEMENTS:
+        raise VitkitError(f"{where} has image_size {image} at patch_size {patch} and embed_dim {width}: a position "
+                          f"table of {(image // patch) ** 2 * width} elements, more than vitkit builds "
+                          f"({MAX_POSITION_ELEMENTS})")
+    return fields
+
+
 @dataclass(frozen=True)
 class ViTArch:
     """Everything that decides a ViT's shape and numerics. Defaults are timm's; the original's are in STYLES."""
@@ -232,12 +289,22 @@ def resolve_components(components) -> ViTComponents:
         module_name, _, attr = components.rpartition(".")
         if not module_name:
             raise VitkitError(f"model components '{components}' is not a dotted path: write it as 'package.module.Class'")
+        # Importing the module runs it: a config that names one is code its user trusts. What it names is then
+        # checked before anything of it is called: a class, and a ViTComponents one.
         try:
             found = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise VitkitError(f"cannot import model components '{components}' ({exc}): check the module is on PYTHONPATH") from None
+        if not (isinstance(found, type) and issubclass(found, ViTComponents)):
+            kind = f"class {found.__name__}" if isinstance(found, type) else f"a {type(found).__name__}"
+            raise VitkitError(
+                f"model components '{components}' is {kind}, not a subclass of vitkit.ViTComponents: "
+                "name a class that subclasses it"
+            )
         components = found
     if isinstance(components, type):
+        if not issubclass(components, ViTComponents):
+            raise VitkitError(f"model components must subclass vitkit.ViTComponents, got class {components.__name__}")
         components = components()
     if not isinstance(components, ViTComponents):
         raise VitkitError(f"model components must subclass vitkit.ViTComponents, got {type(components).__name__}")

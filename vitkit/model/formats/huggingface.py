@@ -21,6 +21,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.model.formats.renaming import rename_by_tables
+from vitkit.model.vit import check_arch_fields
 
 # ViTConfig's defaults, for a lone weights file with no config.json beside it.
 _DEFAULT_CONFIG = {"layer_norm_eps": 1e-12, "hidden_act": "gelu", "pooler_act": "tanh"}
@@ -30,6 +31,8 @@ _GELU_FORMS = {"gelu": "erf", "gelu_python": "erf", "gelu_new": "tanh", "gelu_fa
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_SUFFIX = ".index.json"
+# config.json with ImageNet-21k's id2label is about 1 MiB; an index of the largest models a few MiB.
+MAX_JSON_BYTES = 16 << 20
 
 _TOP_LEVEL = {
     "embeddings.cls_token": "cls_token",
@@ -81,10 +84,12 @@ def weight_files(folder: Path, check: bool = True) -> list[Path]:
         index = folder / (name + _INDEX_SUFFIX)
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
+                weight_map = json.loads(_read_text(index))["weight_map"]
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise VitkitError(f"'{index}' is not a sharded-checkpoint index ({exc}): re-save the model") from None
-            return [folder / shard for shard in dict.fromkeys(weight_map.values())]
+            if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise VitkitError(f"'{index}' has a weight_map that is not an object of shard file names: re-save the model")
+            return [_shard_inside(folder, index, shard) for shard in dict.fromkeys(weight_map.values())]
     if check:
         raise VitkitError(
             f"'{folder}' has no {' or '.join(WEIGHT_FILES)}: save the model with save_pretrained into that folder"
@@ -92,10 +97,38 @@ def weight_files(folder: Path, check: bool = True) -> list[Path]:
     return []
 
 
+def _read_text(path: Path) -> str:
+    """A JSON file's text, refused unread when it is larger than any config or index."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise VitkitError(f"'{path}' is {size / (1 << 20):.1f} MiB, more than any Hugging Face config or index "
+                          f"({MAX_JSON_BYTES >> 20} MiB): the folder is damaged or not a checkpoint")
+    return path.read_text()
+
+
+def _shard_inside(folder: Path, index: Path, shard: str) -> Path:
+    """The shard an index names, refused unopened unless it lies in the folder. A Hugging Face cache snapshot
+    (`<repo>/snapshots/<revision>/`) may link its files into the repo's `blobs/`, as huggingface_hub does."""
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    path = folder / shard
+    if (
+        not shard or Path(shard).is_absolute() or ".." in Path(shard).parts
+        or not any(path.resolve().is_relative_to(place) for place in allowed)
+    ):
+        raise VitkitError(
+            f"'{index}' names shard '{shard}', which lies outside the checkpoint folder: vitkit reads only the "
+            "folder's own files; re-save the model"
+        )
+    return path
+
+
 def read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        config = json.loads(_read_text(path))
+    except (OSError, ValueError, RecursionError) as exc:
         raise VitkitError(f"cannot read '{path}' ({exc}): it should be the model's config.json") from None
     if not isinstance(config, dict):
         raise VitkitError(f"'{path}' is not a Hugging Face config (a JSON object): re-save the model with save_pretrained")
@@ -135,7 +168,7 @@ def huggingface_to_vitkit(
 
 def _arch_fields(config: dict, has_pooler: bool) -> dict:
     act = config["hidden_act"]
-    if act not in _GELU_FORMS:
+    if not isinstance(act, str) or act not in _GELU_FORMS:
         raise VitkitError(f"the checkpoint's hidden_act '{act}' is not a GELU vitkit has: one of {', '.join(_GELU_FORMS)}")
     if has_pooler and config.get("pooler_act", "tanh") != "tanh":
         raise VitkitError(f"the checkpoint's pooler_act '{config['pooler_act']}' is not tanh, the only pooler vitkit has")
@@ -143,9 +176,11 @@ def _arch_fields(config: dict, has_pooler: bool) -> dict:
     for name, value in (("image_size", image_size), ("patch_size", patch_size)):
         if isinstance(value, (list, tuple)) and len(set(value)) > 1:
             raise VitkitError(f"the checkpoint's {name} is {list(value)}: vitkit's ViT takes square images and patches")
-    fields = {"ln_eps": float(config["layer_norm_eps"]), "gelu": _GELU_FORMS[act]}
+    fields = {"ln_eps": config["layer_norm_eps"], "gelu": _GELU_FORMS[act]}
     if "num_attention_heads" in config:
-        fields["num_heads"] = int(config["num_attention_heads"])
+        fields["num_heads"] = config["num_attention_heads"]
+    check_arch_fields(fields, "the Hugging Face config (layer_norm_eps, num_attention_heads)")
+    fields["ln_eps"] = float(fields["ln_eps"])
     return fields
 
 

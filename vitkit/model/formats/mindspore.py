@@ -25,6 +25,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.fileio import atomic_path
+from vitkit.model.vit import MAX_DEPTH
 
 # MindSpore's `tensor_type` strings. Element bytes are little-endian, as on every host torch runs on.
 _TORCH_DTYPES = {
@@ -444,9 +445,20 @@ def _name_table(depth: int) -> list[tuple[str, str, int | None]]:
     return [*_BEFORE_BLOCKS, *blocks, *_AFTER_BLOCKS]
 
 
-def _depth(names, block_pattern: re.Pattern) -> int:
-    indices = [int(match[1]) for match in map(block_pattern.match, names) if match]
-    return max(indices, default=-1) + 1
+def _depth(names, block_pattern: re.Pattern, prefix: str = "") -> int:
+    """One more than the largest block index; a file's indices are bounded before any table is sized by them."""
+    depth = 0
+    for name in names:
+        match = block_pattern.match(name)
+        if match:
+            index = int(match[1])
+            if index >= MAX_DEPTH:
+                raise VitkitError(
+                    f"'{prefix}{name}' names block {index}, but a ViT vitkit reads has at most {MAX_DEPTH} blocks: "
+                    "the file is damaged or not a model-zoo ViT checkpoint"
+                )
+            depth = max(depth, index + 1)
+    return depth
 
 
 def _listing(names: list[str]) -> str:
@@ -470,7 +482,7 @@ def _dense_to_conv(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _params_to_vitkit(params: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    table = {tag: (name, part) for tag, name, part in _name_table(_depth(params, _MINDSPORE_BLOCK))}
+    table = {tag: (name, part) for tag, name, part in _name_table(_depth(params, _MINDSPORE_BLOCK, prefix))}
     unknown = [prefix + tag for tag in params if tag not in table]
     if unknown:
         raise VitkitError(
@@ -494,6 +506,14 @@ def _params_to_vitkit(params: Mapping[str, torch.Tensor], prefix: str = "") -> d
             raise VitkitError(
                 f"incomplete MindSpore ViT checkpoint: {prefix}{block} lacks {', '.join(missing)}; "
                 "pass a checkpoint saved from the whole network"
+            )
+        if len({tuple(part.shape) for part in parts}) > 1 or parts[0].dim() not in (1, 2):
+            block = name.rsplit(".attn.", 1)[0].replace("blocks.", "body.layers.")
+            kind = name.rsplit(".", 1)[1]
+            shapes = ", ".join(f"to_{letter} {list(part.shape)}" for letter, part in zip("qkv", parts))
+            raise VitkitError(
+                f"MindSpore ViT checkpoint {prefix}{block} has attention {kind}s of shapes {shapes}: q, k and v "
+                "must be one (width, width) shape; the file is damaged or not a model-zoo ViT checkpoint"
             )
         state_dict[name] = torch.cat(parts, dim=0)
     if _STEM_WEIGHT in state_dict:
@@ -577,8 +597,7 @@ def vitkit_to_mindspore(
 
 def mindspore_name(vitkit_name: str) -> list[str]:
     """The model-zoo tag(s) of one vitkit parameter: three (q, k, v) for a fused qkv, one otherwise."""
-    match = _VITKIT_BLOCK.match(vitkit_name)
-    tags = [tag for tag, name, _ in _name_table(int(match[1]) + 1 if match else 0) if name == vitkit_name]
+    tags = [tag for tag, name, _ in _name_table(_depth([vitkit_name], _VITKIT_BLOCK)) if name == vitkit_name]
     if not tags:
         raise VitkitError(f"'{vitkit_name}' is not a vitkit ViT parameter with a counterpart in the MindSpore original")
     return tags

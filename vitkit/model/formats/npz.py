@@ -16,6 +16,8 @@ Flax kernels are (in, out); attention kernels are split per head: query/key/valu
 """
 from __future__ import annotations
 
+import io
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from vitkit.errors import VitkitError
+from vitkit.model.formats.archives import check_zip_directory, format_bytes
 
 # flax.linen.LayerNorm's epsilon defaults to 1e-6 and flax.linen.gelu to approximate=True (the tanh form); the ViT
 # paper's and big_vision's models use both defaults.
@@ -33,11 +36,16 @@ _PREFIXES = ("opt/target/", "params/img/", "params/", "")
 _POS_EMBED_KEYS = ("Transformer/posembed_input/pos_embedding", "pos_embedding", "Transformer/pos_embedding")
 _PER_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/")
 _SCANNED = "Transformer/encoderblock/"
+# A ViT paper training checkpoint (parameters plus two optimizer moments) of the deepest ViT has a few thousand.
+_MAX_ARRAYS = 65536
+# numpy's own limit on an .npy header (np.load's max_header_size), after the magic string and the length field.
+_MAX_HEADER_BYTES = 10_000 + 12
 
 
 def read_npz(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A Flax ViT `.npz` as a vitkit state_dict plus the architecture fields the file states (heads, numerics)."""
     try:
+        _check_arrays(path)
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise VitkitError(f"cannot read '{path}' as .npz ({exc}): the file may be truncated") from None
@@ -63,6 +71,31 @@ def read_npz(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             return cache[name]
 
         return _flax_to_vitkit(names, read, path)
+
+
+def _check_arrays(path) -> None:
+    """Every member's size and its .npy header checked before numpy reads anything: np.load allocates whatever
+    shape a header claims, and zipfile inflates whatever size a member declares."""
+    with zipfile.ZipFile(path) as archive:
+        for info in check_zip_directory(path, archive, max_entries=_MAX_ARRAYS, what=".npz"):
+            with archive.open(info) as member:
+                head = io.BytesIO(member.read(min(info.file_size, _MAX_HEADER_BYTES)))
+            name = info.filename.removesuffix(".npy")
+            try:
+                version = np.lib.format.read_magic(head)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(head)
+            except (ValueError, TypeError, SyntaxError) as exc:
+                raise VitkitError(f"array '{name}' of '{path}' has no readable .npy header ({exc}): the file is damaged") from None
+            if any(size < 0 for size in shape):
+                raise VitkitError(f"array '{name}' of '{path}' has negative shape {shape}: the file is damaged")
+            claimed = math.prod(shape) * dtype.itemsize
+            held = info.file_size - head.tell()
+            if claimed > held:
+                raise VitkitError(
+                    f"array '{name}' of '{path}' claims shape {shape} of {dtype} ({format_bytes(claimed)}) but holds "
+                    f"{format_bytes(held)}: the file is damaged or not a checkpoint"
+                )
 
 
 def _to_float32(array: np.ndarray, path, name: str) -> torch.Tensor:
