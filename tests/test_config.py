@@ -1,4 +1,4 @@
-"""The config against the original's keys and values as written down in seed-behaviour.md section 9."""
+"""The config against the original's keys and values (its ImageNet YAML, configs/vit_patch32_imagenet2012_config.yml, and its code's defaults)."""
 from pathlib import Path
 
 import pytest

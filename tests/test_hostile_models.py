@@ -152,6 +152,14 @@ def test_pt2_pickled_sample_inputs_never_run_and_change_nothing(exports, tmp_pat
     assert not marker.exists()
 
 
+
+def _assert_refused(evil, exports, capsys, words: str, marker) -> None:
+    """`vitkit predict` refuses the file in one line naming it and the reason, and its payload never ran."""
+    assert _predict(evil, exports / "image.png") == 2
+    line = _one_error_line(capsys)
+    assert str(evil) in line and words in line
+    assert not marker.exists()
+
 def test_pt2_weight_stored_as_pickle_is_refused(exports, tmp_path, capsys):
     marker = tmp_path / "ran"
     config = json.loads(zipfile.ZipFile(exports / "fixed.pt2").read(WEIGHTS_CONFIG))
@@ -161,10 +169,7 @@ def test_pt2_weight_stored_as_pickle_is_refused(exports, tmp_path, capsys):
         WEIGHTS_CONFIG: json.dumps(config).encode(),
         f"archive/data/weights/{first['path_name']}": pickle.dumps(_Touch(marker), 2),
     })
-    assert _predict(evil, exports / "image.png") == 2
-    line = _one_error_line(capsys)
-    assert str(evil) in line and "pickle" in line
-    assert not marker.exists()
+    _assert_refused(evil, exports, capsys, "pickle", marker)
 
 
 def test_pt2_symbolic_shape_expression_is_never_evaluated(exports, tmp_path, capsys):
@@ -178,10 +183,7 @@ def test_pt2_symbolic_shape_expression_is_never_evaluated(exports, tmp_path, cap
         return text.replace(symbol, payload.replace('"', '\\"') + symbol, 1).encode()
 
     evil = _rewrite_zip(exports / "any.pt2", tmp_path / "evil.pt2", {MODEL_JSON: poison})
-    assert _predict(evil, exports / "image.png") == 2
-    line = _one_error_line(capsys)
-    assert str(evil) in line and "shape expression" in line
-    assert not marker.exists()
+    _assert_refused(evil, exports, capsys, "shape expression", marker)
 
 
 def test_pt2_guard_code_is_never_executed(exports, tmp_path, capsys):

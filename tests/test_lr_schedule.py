@@ -42,7 +42,7 @@ def test_cosine_decay_steps_match_formula(default_cosine, i):
 
 
 def test_cosine_matches_the_original_training_checkpoint():
-    # learning_rate stored in ../shared/fixtures/mindspore/ms_vit_tiny_train-3_2.ckpt, written by the original
+    # learning_rate stored in tests/fixtures/mindspore/ms_vit_tiny_train-3_2.ckpt, written by the original
     # (3 epochs x 2 steps, 1 warmup epoch, lr_init 0, lr_max 0.00355).
     recorded = np.array([0.0017750000115484, 0.0035500000230968, 0.0030301145743578672,
                          0.0017750000115484, 0.0005198854487389326, 0.0], dtype=np.float32)

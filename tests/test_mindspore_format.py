@@ -22,7 +22,7 @@ from vitkit.model.formats.mindspore import (
     write_mindspore_checkpoint,
 )
 
-# Copies of ../shared/fixtures/mindspore (made by the original MindSpore code), kept in the repo so CI needs nothing else.
+# Files made by the original MindSpore code, kept in tests/fixtures/mindspore so CI needs nothing else.
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mindspore"
 INFERENCE = "ms_vit_tiny_cls.ckpt"
 TRAINING = "ms_vit_tiny_train-3_2.ckpt"

@@ -11,7 +11,7 @@ from vitkit.model.vit import ViTComponents, make_arch, resample_pos_embed, sinco
 
 
 def test_base_patch32_with_1001_classes_has_the_originals_parameter_count():
-    # 88,225,001 is what the MindSpore model zoo's ViT-B/32 reports (seed-behaviour section 1).
+    # 88,225,001 is what the MindSpore model zoo's ViT-B/32 reports.
     model = vitkit.create_model("vit_base_patch32", num_classes=1001, style="mindspore")
     assert sum(p.numel() for p in model.parameters()) == 88_225_001
     assert count_params(model.arch) == 88_225_001

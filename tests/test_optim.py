@@ -144,7 +144,7 @@ def test_centralize_gradients_zero_means_rows_and_leaves_1d_alone():
 
 
 def adamw_by_hand(params, grads_per_step, lrs, weight_decays, beta1=0.9, beta2=0.999, eps=1e-8):
-    """The original's AdamW (section 5 of seed-behaviour.md), one numpy array per param."""
+    """The original's AdamW (decoupled decay, eps outside the bias-corrected root), one numpy array per param."""
     params = [p.copy() for p in params]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
