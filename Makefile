@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA := data/fashion-mnist
 DEMO_CONFIG := configs/fashion_mnist_vit.yml
 
-.PHONY: setup demo test test-oldest-torch bench-data clean
+.PHONY: setup demo test test-oldest-torch bench-data fuzz clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py vitkit/data/_jpeg_region.c vitkit/mo
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[test,deploy,viz]'
+	$(PY) -m pip install -q -e '.[test,deploy,viz,cloud]'
 	touch $@
 
 # The main job: Fashion-MNIST as image folders, a small ViT trained from scratch, then evaluated.
@@ -35,13 +35,19 @@ $(DEMO_DATA)/.complete: | setup
 test: setup
 	$(PY) -m pytest -q
 
+# The readers of untrusted input (JPEG decoder, .ckpt, .npz, safetensors, Hugging Face folders, configs) under
+# fresh random inputs, FUZZ_EXAMPLES per property test; `make test` runs a short fixed set (docs/fuzzing.md).
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	VITKIT_FUZZ_PROFILE=long VITKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+
 # The same suite on the oldest PyTorch that pyproject.toml allows (torch>=2.11), in a venv of its own.
 OLDEST_TORCH_PINS ?= torch==2.11.0 torchvision==0.26.0
 OLDEST_VENV := .venv-oldest-torch
 test-oldest-torch:
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q $(OLDEST_TORCH_PINS)
-	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[test,deploy,viz]'
+	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[test,deploy,viz,cloud]'
 	$(OLDEST_VENV)/bin/python -m pytest -q
 
 # Data-pipeline throughput against torchvision's standard pipeline on ImageNet-like JPEGs made from real photos.

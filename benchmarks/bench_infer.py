@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 # As the vitkit command does (vitkit/cli.py): sleeping OpenMP waits, for timm and vitkit alike. Spinning waits
-# collapse batch-1 eager speed on a shared 2-core machine (measured 0.5 vs 7 images/s for ViT-Ti/16).
+# collapse batch-1 eager speed on a small shared machine, where a spinning thread holds the core another needs.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402

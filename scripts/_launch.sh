@@ -31,9 +31,27 @@ torchrun_args() {
   fi
 }
 
-# Every script takes a config file first; without one it prints its usage (given as $1) and exits 2.
+# Whether the file $1 is an Ascend rank table (hccl_8p.json from hccl_tools.py): a JSON object listing servers.
+# Only its first 64 KiB are read, so a huge or endless file cannot stall the check.
+is_rank_table() {
+  [[ -f "$1" ]] || return 1
+  local head
+  head="$(LC_ALL=C head -c 65536 -- "$1" | LC_ALL=C tr -d '\000')"
+  [[ "${head#"${head%%[![:space:]]*}"}" == "{"* ]] \
+    && grep -qE '"(server_list|server_count|group_list)"[[:space:]]*:' <<<"$head"
+}
+
+# Every script takes a config file first; without one it prints its usage (given as $1) and exits 2. The original's
+# distributed script took an Ascend rank table first (RANK_TABLE CONFIG): that gets one line naming the config.
 require_config() {
   local usage="$1"; shift
+  if [[ $# -ge 1 ]] && is_rank_table "$1"; then
+    local config="CONFIG"
+    if [[ $# -ge 2 && -f "$2" ]]; then config="$2"; fi
+    echo "vitkit: error: $1 is an Ascend rank table, which is not needed (torchrun starts the processes itself):" \
+         "drop it and give the config first: ${usage/CONFIG/"$config"}" >&2
+    exit 2
+  fi
   if [[ $# -lt 1 || ! -f "$1" ]]; then
     echo "usage: $usage   (CONFIG: a YAML file)" >&2
     exit 2

@@ -182,7 +182,7 @@ def test_mid_epoch_checkpoint_that_splits_a_step_is_refused(data, tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("vitkit: error: ") and err.count("\n") == 1
-    assert "world size and batch_size that wrote it" in err and "epoch's end" in err
+    assert "world size, batch_size and accum_steps that wrote it" in err and "epoch's end" in err
 
 
 def test_an_error_on_one_rank_ends_the_job_with_its_message(data, two_process_run, tmp_path):
@@ -339,3 +339,29 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(data, two_p
     check_ok(torchrun(2, "train", *train_args(data, out, "--batch_size=4", "--train.resume=auto")))
     final, expected = weights(out, "vit_tiny_patch16-2_4"), weights(two_process_run, "vit_tiny_patch16-2_4")
     assert all(torch.equal(final[key], expected[key]) for key in expected)
+
+
+# The original's 8-device Ascend rank table, as hccl_tools.py writes it (abridged to one device).
+HCCL_RANK_TABLE = {
+    "version": "1.0", "server_count": "1",
+    "server_list": [{"server_id": "10.0.0.1", "device": [{"device_id": "0", "device_ip": "192.168.100.101",
+                                                           "rank_id": "0"}], "host_nic_ip": "reserve"}],
+    "status": "completed",
+}
+
+
+def test_the_originals_rank_table_first_is_one_line_naming_the_config(tmp_path):
+    from pathlib import Path
+
+    rank_table = tmp_path / "hccl_8p.json"
+    rank_table.write_text(json.dumps(HCCL_RANK_TABLE, indent=4))
+    config = tmp_path / "vit_config.yml"
+    config.write_text("batch_size: 8\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_train_distribute.sh"
+    result = subprocess.run(["bash", str(script), str(rank_table), str(config)], capture_output=True, text=True,
+                            timeout=LAUNCH_TIMEOUT_S, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("vitkit: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "rank table" in result.stderr and "not needed" in result.stderr
+    assert f"{script.name} {config}" in result.stderr  # the command to run instead
+    assert "unknown config key" not in result.stderr and result.stdout == ""

@@ -31,7 +31,7 @@ def _write_png(path, width=50, height=40, seed=0):
 
 def test_attention_probabilities_match_timm_by_hand():
     timm = pytest.importorskip("timm")
-    model = _tiny()
+    model = _tiny(style="timm")  # timm's numerics (erf GELU, LayerNorm eps 1e-6), the reference's
     with torch.no_grad():  # far from init: distinct tokens and sharp attention, so the comparison means something
         model.cls_token.normal_()
         model.pos_embed.normal_()

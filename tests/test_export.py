@@ -1,6 +1,7 @@
 """vitkit export: ONNX and .pt2 files that compute what the PyTorch model (and timm, as an oracle) computes."""
 import collections
 import functools
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -179,3 +180,16 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     model = vitkit.create_model("vit_tiny_patch16", **TINY_ARCH).train()
     export_model(model, tmp_path / "m.pt2", "PT2")
     assert model.training  # the caller's training loop goes on with dropout as it was
+
+
+def test_a_file_name_without_the_formats_suffix_gets_it_as_the_originals_export_did(trained, tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--model", str(trained), "--file_name=model", "--file_format=ONNX"]) == 0
+    assert "wrote model.onnx (ONNX" in capsys.readouterr().out
+    assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"]
+    assert _onnxruntime_logits(tmp_path / "model.onnx", torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    # MindSpore appends the suffix to any name that does not end in it, dots in the name or not.
+    for name, file_format, written in (("model", "PT2", "model.pt2"), ("vit.b32", "ONNX", "vit.b32.onnx"),
+                                       ("out/kept.ONNX", "ONNX", "out/kept.ONNX"), ("kept.pt2", "pt2", "kept.pt2")):
+        assert export_module.with_format_suffix(name, file_format) == Path(written)

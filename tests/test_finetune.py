@@ -25,8 +25,8 @@ def tiny_npz(tmp_path, **kwargs):
 def test_load_at_a_new_size_with_a_new_head(tmp_path):
     path = tiny_npz(tmp_path)
     source = vitkit.load_model(path)
-    model = vitkit.load_model(path, image_size=64, num_classes=3)
-    assert model.head.out_features == 3 and model.class_names is None
+    model, card = vitkit.load_model(path, image_size=64, num_classes=3, with_card=True)
+    assert model.head.out_features == 3 and card.class_names is None
     # timm's resampling of the same table is the reference: bicubic as Hugging Face and torchvision upsample it
     # (timm's default antialias=True switches torch to PIL's a=-0.5 cubic kernel even when upsampling).
     expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(8, 8), num_prefix_tokens=1, antialias=False)

@@ -40,8 +40,8 @@ def images():
 
 def test_image_classification_folder_gives_transformers_logits_and_labels(tmp_path, images):
     reference = saved(transformers.ViTForImageClassification(hf_config()), tmp_path / "vit")
-    model = vitkit.load_model(tmp_path / "vit")
-    assert model.class_names == LABELS
+    model, card = vitkit.load_model(tmp_path / "vit", with_card=True)
+    assert list(card.class_names) == LABELS
     assert (model.arch.num_heads, model.arch.ln_eps, model.arch.gelu) == (4, 1e-12, "erf")
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference(pixel_values=images).logits, atol=1e-5, rtol=0)
@@ -63,8 +63,8 @@ def test_pytorch_model_bin_folder_and_tanh_gelu_config(tmp_path, images):
 
 def test_lone_weights_file_uses_the_config_beside_it(tmp_path, images):
     reference = saved(transformers.ViTForImageClassification(hf_config(layer_norm_eps=1e-5)), tmp_path / "vit")
-    model = vitkit.load_model(tmp_path / "vit" / "model.safetensors")
-    assert model.arch.ln_eps == 1e-5 and model.class_names == LABELS
+    model, card = vitkit.load_model(tmp_path / "vit" / "model.safetensors", with_card=True)
+    assert model.arch.ln_eps == 1e-5 and list(card.class_names) == LABELS
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference(pixel_values=images).logits, atol=1e-5, rtol=0)
 
@@ -107,8 +107,8 @@ def test_convert_to_safetensors_and_ckpt(tmp_path, capsys, images):
     reference = saved(transformers.ViTForImageClassification(hf_config()), tmp_path / "vit")
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "vit"), str(tmp_path / "vit.safetensors")]) == 0
-    converted = vitkit.load_model(tmp_path / "vit.safetensors")
-    assert converted.class_names == LABELS and converted.arch.ln_eps == 1e-12
+    converted, card = vitkit.load_model(tmp_path / "vit.safetensors", with_card=True)
+    assert list(card.class_names) == LABELS and converted.arch.ln_eps == 1e-12
     with torch.no_grad():
         torch.testing.assert_close(converted(images), reference(pixel_values=images).logits, atol=1e-5, rtol=0)
     assert main(["convert", str(tmp_path / "vit"), str(tmp_path / "vit.ckpt")]) == 0

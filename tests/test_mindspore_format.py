@@ -540,3 +540,73 @@ def test_models_the_original_cannot_hold_are_refused_before_writing(tmp_path):
     with pytest.raises(VitkitError, match="no counterpart"):
         vitkit.save_model(pre_logits, tmp_path / "pre_logits.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+# The original's flat YAML naming its backbone, narrowed to a 96-wide, 2-block model: vit_tiny's 3 heads, 32 wide.
+NARROW_TINY_YAML = """\
+backbone: 'vit_tiny_patch16'
+class_num: 3
+train_image_size: 32
+eval_image_size: 32
+eval_num_workers: 0
+model.patch_size: 8
+model.embed_dim: 96
+model.depth: 2
+model.mlp_dim: 192
+"""
+
+
+def test_a_ckpt_without_heads_warns_the_real_head_width_and_takes_the_heads_from_the_originals_yaml(tmp_path, capsys):
+    import json
+
+    import onnxruntime
+
+    import vitkit
+    from conftest import write_image_folder
+    from vitkit.cli import main
+
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_tiny_patch16", style="mindspore", patch_size=8, embed_dim=96, depth=2,
+                                mlp_dim=192, image_size=32, num_classes=3).eval()
+    assert model.arch.num_heads == 3
+    ckpt = vitkit.save_model(model, tmp_path / "narrow.ckpt")
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"assuming 1 \(96 per head\)"):
+        guessed = vitkit.load_model(ckpt)
+    with torch.no_grad():
+        assert not torch.allclose(guessed(images), model(images), atol=1e-3)  # the head count changes the logits
+    config = tmp_path / "vit_config.yml"
+    config.write_text(NARROW_TINY_YAML)
+    with_config = ["--config_path", str(config)]
+
+    assert main(["convert", str(ckpt), str(tmp_path / "narrow.safetensors"), *with_config]) == 0
+    captured = capsys.readouterr()
+    assert "heads 3" in captured.out and "assuming" not in captured.err
+    with torch.no_grad():
+        torch.testing.assert_close(vitkit.load_model(tmp_path / "narrow.safetensors")(images), model(images),
+                                   atol=1e-5, rtol=0)
+
+    onnx_path = tmp_path / "narrow.onnx"
+    assert main(["export", "--model", str(ckpt), f"--file_name={onnx_path}", *with_config]) == 0
+    assert "assuming" not in capsys.readouterr().err
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: images[:1].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_logits, model(images[:1]).numpy(), atol=1e-4)
+
+    val = write_image_folder(tmp_path / "val", {"ant": 3, "bee": 3, "cat": 3}, size=32)
+    picture = str(sorted(val.glob("*/*.png"))[0])
+    tops = []
+    for argv in (["--model", str(ckpt), *with_config], ["--model", str(onnx_path)]):
+        assert main(["predict", picture, "--json", *argv]) == 0
+        captured = capsys.readouterr()
+        assert "assuming" not in captured.err
+        tops.append(json.loads(captured.out)[0]["top5"])
+    assert [t["index"] for t in tops[0]] == [t["index"] for t in tops[1]]
+    assert np.allclose([t["probability"] for t in tops[0]], [t["probability"] for t in tops[1]], atol=1e-5)
+
+    assert main(["eval", "--model", str(ckpt), "--data", str(val), "--json", *with_config]) == 0
+    captured = capsys.readouterr()
+    assert "assuming" not in captured.err
+    assert main(["infer", "--model", str(onnx_path), "--data", str(val), "--json"]) == 0
+    assert json.loads(captured.out)["top1"] == json.loads(capsys.readouterr().out)["top1"]

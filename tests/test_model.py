@@ -66,7 +66,7 @@ def test_mindspore_init_matches_the_originals_distributions():
 
 def test_timm_init_uses_small_truncated_normal_weights():
     torch.manual_seed(0)
-    model = vitkit.create_model("vit_small_patch16")
+    model = vitkit.create_model("vit_small_patch16", style="timm")
     assert model.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
 
@@ -133,7 +133,7 @@ def _logits_and_grads(model, images, forward):
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_class_token_pooling_computes_only_the_class_token_in_the_last_block(qkv_bias):
     model = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=3, num_classes=5, qkv_bias=qkv_bias,
-                                drop_path_rate=0.2)
+                                drop_path_rate=0.2, style="timm")
     assert model._last_block_class_token_only()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     every_token = lambda x: model.forward_head(model.forward_features(x))  # noqa: E731 - all tokens, all blocks
@@ -160,7 +160,7 @@ def test_class_token_only_last_block_trains_like_timm():
     # gives the same training logits and the same gradient for every parameter.
     timm = pytest.importorskip("timm")
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, num_classes=5)
-    model = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=3, num_classes=5)
+    model = vitkit.create_model("vit_tiny_patch16", image_size=32, depth=3, num_classes=5, style="timm")
     model.load_state_dict(reference.state_dict())
     assert model._last_block_class_token_only()
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))

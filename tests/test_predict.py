@@ -12,6 +12,7 @@ from vitkit.data.fashion_mnist import write_fashion_mnist
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.engine.trainer import train
 from vitkit.model.loading import load_model
+from vitkit.model.vit import Mlp, ViTComponents
 
 # The demo's preprocessing: 28 px images resized to 28 and center-cropped to 28, i.e. left as they are.
 FASHION = ["--train_image_size=28", "--eval_image_size=28", "--model.patch_size=7", "--eval.resize_size=28",
@@ -93,3 +94,60 @@ def test_bad_inputs_are_one_line_errors(fashion, tmp_path, capsys):
         assert main(["predict", *argv]) == 2, argv
         error = capsys.readouterr().err
         assert error.startswith("vitkit: error: ") and error.count("\n") == 1 and expected in error, error
+
+
+def test_a_model_with_more_classes_than_folders_names_the_known_ones_and_indexes_the_rest(tiny_dataset, tmp_path,
+                                                                                          capsys):
+    # The original's class_num 1001 over ImageNet's 1000 folders, in small: 4 outputs trained on 3 class folders.
+    train(tiny_config(tiny_dataset, tmp_path / "run", "--class_num=4", "--max_epoch=1"))
+    onnx_path = tmp_path / "four.onnx"
+    assert main(["export", "--model", str(tmp_path / "run"), f"--file_name={onnx_path}"]) == 0
+    image = sorted((tiny_dataset / "val").glob("*/*.png"))[0]
+    capsys.readouterr()
+    for model, extra in ((tmp_path / "run", ["--eval_image_size=32"]), (onnx_path, [])):
+        assert main(["predict", str(image), "--model", str(model), "--json", *extra]) == 0, capsys.readouterr().err
+        top = json.loads(capsys.readouterr().out)[0]["top5"]
+        assert sorted(t["index"] for t in top) == [0, 1, 2, 3]
+        assert {t["index"]: t["label"] for t in top} == {0: "ant", 1: "bee", 2: "cat", 3: "class 3"}
+
+
+class _GatedMlp(Mlp):
+    """The stock MLP times a learned per-block gain: a swapped part with a tensor the stock ViT lacks."""
+
+    def __init__(self, arch, components):
+        super().__init__(arch, components)
+        self.gain = torch.nn.Parameter(torch.full((arch.embed_dim,), 1.5))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+class _GatedParts(ViTComponents):
+    mlp = _GatedMlp
+
+
+def test_eval_export_infer_and_predict_honour_the_components_a_run_was_trained_with(tiny_dataset, tmp_path, capsys):
+    parts = f"--model.components={__name__}._GatedParts"
+    result = train(tiny_config(tiny_dataset, tmp_path / "run", "--max_epoch=1", parts))
+    run, val = str(tmp_path / "run"), str(tiny_dataset / "val")
+    sized = ["--eval_image_size=32", "--eval_num_workers=0"]
+    capsys.readouterr()
+    assert main(["eval", "--model", run, "--data", val, parts, *sized, "--json"]) == 0, capsys.readouterr().err
+    # The run's own end-of-epoch evaluation saw the same weights on the same images.
+    assert json.loads(capsys.readouterr().out)["top1"] == result["best_acc"]
+    onnx_path = tmp_path / "gated.onnx"
+    assert main(["export", "--model", run, f"--file_name={onnx_path}", parts, "--eval_image_size=32"]) == 0, \
+        capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["infer", "--model", str(onnx_path), "--data", val, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == result["best_acc"]
+    image = sorted((tiny_dataset / "val").glob("*/*.png"))[0]
+    tops = []
+    for model, extra in ((run, [parts, *sized]), (str(onnx_path), [])):
+        assert main(["predict", str(image), "--model", model, "--json", *extra]) == 0, capsys.readouterr().err
+        tops.append(json.loads(capsys.readouterr().out)[0]["top5"])
+    assert [t["index"] for t in tops[0]] == [t["index"] for t in tops[1]]
+    assert np.allclose([t["probability"] for t in tops[0]], [t["probability"] for t in tops[1]], atol=1e-5)
+    # Without the key the stock ViT cannot hold the gains: one line naming the problem.
+    assert main(["eval", "--model", run, "--data", val, *sized]) == 2
+    assert "blocks.0.mlp.gain" in capsys.readouterr().err

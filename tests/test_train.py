@@ -231,3 +231,32 @@ def test_a_checkpoint_without_a_loss_scaler_resumes_into_fp16(tiny_dataset, tmp_
                                   "--train.resume=auto", "--loss_scale=512"))
     assert trainer.progress.epoch == 1 and trainer.scaler.get_scale() == 512.0
     assert trainer.fit()["global_step"] == 8
+
+
+class _CompilesOnFirstCall(torch.nn.Module):
+    """Stands in for torch.compile's module: the first call takes COMPILE_SECONDS longer, as compiling does."""
+
+    COMPILE_SECONDS = 0.3
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.compiled = inner, False
+
+    def forward(self, images):
+        if not self.compiled:
+            import time
+
+            time.sleep(self.COMPILE_SECONDS)
+            self.compiled = True
+        return self.inner(images)
+
+
+def test_compile_time_is_the_measured_first_compiled_step_and_absent_without_compile(tiny_dataset, tmp_path, capsys,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(torch, "compile", _CompilesOnFirstCall)
+    train(tiny_config(tiny_dataset, tmp_path / "compiled", "--max_epoch=1", "--train.compile=true"))
+    times = [float(m[1]) for line in capsys.readouterr().out.splitlines()
+             if (m := re.search(r"INFO:compile time used=(\d+\.\d\d)s$", line))]
+    assert len(times) == 1 and times[0] >= _CompilesOnFirstCall.COMPILE_SECONDS
+    train(tiny_config(tiny_dataset, tmp_path / "eager", "--max_epoch=1"))
+    assert "compile time" not in capsys.readouterr().out  # nothing was compiled: no made-up 0.00s

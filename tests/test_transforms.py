@@ -127,11 +127,13 @@ def test_all_randomness_comes_from_torch_not_python_random():
     ("NEAREST", InterpolationMode.NEAREST),
     ("BICUBIC", InterpolationMode.BICUBIC),
     ("PILCUBIC", InterpolationMode.BICUBIC),
-    ("AREA", InterpolationMode.BICUBIC),
-    ("ANTIALIAS", InterpolationMode.BICUBIC),
-    ("LANCZOS", InterpolationMode.BICUBIC),
-    ("BOX", InterpolationMode.BICUBIC),
-    ("HAMMING", InterpolationMode.BICUBIC),
+    ("LINEAR", InterpolationMode.BILINEAR),
+    ("CUBIC", InterpolationMode.BICUBIC),
+    ("AREA", InterpolationMode.BOX),
+    ("ANTIALIAS", InterpolationMode.LANCZOS),
+    ("LANCZOS", InterpolationMode.LANCZOS),
+    ("BOX", InterpolationMode.BOX),
+    ("HAMMING", InterpolationMode.HAMMING),
 ])
 def test_interpolation_names_map_to_tensor_modes(name, mode):
     assert interpolation_mode(name) == mode
@@ -200,3 +202,40 @@ def test_normalize_batch_gives_planar_floats_for_a_channels_last_batch():
         torch.testing.assert_close(normalized, (batch.float() - mean) / std, atol=1e-6, rtol=0)
     grey = batch[:, :1]  # one channel broadcasts against the three means, as before
     torch.testing.assert_close(normalize_batch(grey), (grey.float() - mean) / std, atol=1e-6, rtol=0)
+
+
+def _pil_resized(image: torch.Tensor, width: int, height: int, pil_filter) -> torch.Tensor:
+    """PIL's own resize of the image: the oracle for the filters torchvision runs only on PIL images."""
+    from PIL import Image
+
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((width, height), pil_filter)
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("name, pil_name", [
+    ("LANCZOS", "LANCZOS"), ("ANTIALIAS", "LANCZOS"), ("BOX", "BOX"), ("AREA", "BOX"), ("HAMMING", "HAMMING"),
+    ("PILCUBIC", "BICUBIC"),
+])
+def test_pil_filters_resize_exactly_as_pil_does(name, pil_name):
+    from PIL import Image
+
+    pil_filter = getattr(Image.Resampling, pil_name)
+    image = random_image(90, 120, seed=3)
+    # Eval: shorter side 90 -> 36, longer 120 * 36 / 90 = 48; the centre 32 x 32 starts at (2, 8).
+    expected = _pil_resized(image, 48, 36, pil_filter)[:, 2:34, 8:40]
+    assert torch.equal(eval_transform(32, interpolation=name, resize_size=36)(image), expected)
+    # Training without the random crop: the whole image to 32 x 32, then flipped or not.
+    resized = _pil_resized(image, 32, 32, pil_filter)
+    out = train_transform(32, interpolation=name, augment="none", random_crop=False)(image)
+    assert torch.equal(out, resized) or torch.equal(out, resized.flip(-1))
+    # Not the tensor bicubic kernel these names fell back to before.
+    assert not torch.equal(resized, F.resize(image, [32, 32], interpolation=InterpolationMode.BICUBIC, antialias=True))
+
+
+@pytest.mark.parametrize("name, same_as", [("LINEAR", "BILINEAR"), ("CUBIC", "BICUBIC")])
+def test_mindspores_linear_and_cubic_are_accepted_as_bilinear_and_bicubic(name, same_as):
+    from vitkit.config import load_config
+
+    assert load_config(None, [f"--interpolation={name.lower()}"]).data.interpolation == name
+    image = random_image(50, 70, seed=4)
+    assert torch.equal(eval_transform(32, interpolation=name)(image), eval_transform(32, interpolation=same_as)(image))

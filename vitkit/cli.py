@@ -43,11 +43,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from vitkit.model.loading import load_model, save_model
+    from vitkit.model.loading import model_for_config, read_weights, save_model
 
     overrides = {key: value for key, value in (("num_heads", args.num_heads), ("image_size", args.image_size)) if value}
-    model = load_model(args.src, **overrides)
-    save_model(model, args.dst)
+    cfg = _deploy_config(args)  # the run's config: its head count and components, for files that cannot say them
+    weights = read_weights(_ema_or_given(args, args.src))
+    model, card = model_for_config(weights, cfg.model if cfg is not None else None, with_card=True, **overrides)
+    save_model(model.eval(), args.dst, card=card)
     params = sum(p.numel() for p in model.parameters())
     arch = model.arch
     print(
@@ -79,12 +81,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from vitkit.config import load_config
     from vitkit.engine.evaluate import evaluate_checkpoint
+    from vitkit import storage
 
     extra = [f"--model.pretrained={args.model}"] if args.model else []
     extra += [f"--data.val_path={args.data}"] if args.data else []
     cfg = load_config(args.config_path, args.overrides + extra)
+    if args.ema:
+        ema_path = _ema_or_given(args, cfg.model.pretrained)
+        cfg = load_config(args.config_path, args.overrides + extra + [f"--model.pretrained={ema_path}"])
+    storage.configure_from(cfg)
+    storage.localize_inputs(cfg, ("data.val_path",))  # a remote --model is fetched by the loader
     started = time.perf_counter()
-    result, model_path = evaluate_checkpoint(cfg, cfg.model.pretrained, report_dir=args.report or "")
+    with storage.local_folder_for(args.report or "") as report_dir:
+        result, model_path = evaluate_checkpoint(cfg, cfg.model.pretrained, report_dir=str(report_dir or ""))
     cost = time.perf_counter() - started
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun every rank holds the same all-reduced result: rank 0 alone prints it
@@ -117,21 +126,38 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from vitkit.viz.explain import explain_image
 
     cfg = load_config(args.config_path, args.overrides)
-    model = load_model(newest_weights(args.model))
+    model, card = load_model(newest_weights(args.model), with_card=True)
     result = explain_image(model, args.image, args.out, normalization=cfg.data.normalization,
                            interpolation=cfg.data.interpolation, resize_size=cfg.eval.resize_size)
-    label = model.class_names[result["top1"]] if getattr(model, "class_names", None) else result["top1"]
+    label = card.class_names[result["top1"]] if card.class_names else result["top1"]
     print(f"wrote {result['path']}: top-1 {label} ({result['probability']:.1%})")
     return 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    if args.dataset == "shard":
+        return _cmd_data_shard(args)
+    if args.dest is not None:
+        raise VitkitError(f"unrecognized arguments: {args.dest}: `vitkit data fashion-mnist` takes one folder")
     from vitkit.data.fashion_mnist import write_fashion_mnist
 
     source = {"source_dir": args.source} if args.source else {}
     summary = write_fashion_mnist(args.out, limit_per_split=args.limit, **source)
     print(f"Fashion-MNIST in {summary['out_dir']}: {summary['train']} training images in train/, "
           f"{summary['val']} validation images in val/, {len(summary['classes'])} classes")
+    return 0
+
+
+def _cmd_data_shard(args: argparse.Namespace) -> int:
+    from vitkit.data.archives import DEFAULT_MAX_SHARD_BYTES, write_shards
+
+    if args.dest is None:
+        raise VitkitError("`vitkit data shard SRC DEST` needs DEST: the folder (or s3://...) to write the shards to")
+    summary = write_shards(args.out, args.dest, shard_size=args.shard_size,
+                           max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    skipped = f", {summary['skipped']} unreadable files skipped" if summary["skipped"] else ""
+    print(f"{summary['samples']} images of {summary['classes']} classes in {summary['shards']} shards and "
+          f"index.json in {summary['dest']}{skipped}")
     return 0
 
 
@@ -147,14 +173,33 @@ def _deploy_config(args: argparse.Namespace):
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from vitkit.config import load_config
-    from vitkit.deploy.export import export_checkpoint
 
     extra = [f"--export.ckpt_file={args.model}"] if args.model else []
     cfg = load_config(args.config_path, args.overrides + extra)
+    if args.ema:
+        checkpoint = _ema_or_given(args, cfg.export.ckpt_file or cfg.model.pretrained)
+        cfg = load_config(args.config_path, args.overrides + extra + [f"--export.ckpt_file={checkpoint}"])
     if cfg.export.int8 and cfg.export.file_format != "ONNX":
         raise VitkitError("export.int8 quantizes ONNX models only: set file_format=ONNX or drop export.int8")
     for note in cfg.notes:
         print(f"note: {note}")
+    from vitkit import storage
+
+    storage.configure_from(cfg)
+    target = cfg.export.file_name
+    # A URL target: the file (and its int8 copy) is written and checked locally, then uploaded whole.
+    with storage.local_folder_for(target.rsplit("/", 1)[0] if storage.is_url(target) else "") as folder:
+        if folder:
+            cfg.export.file_name = os.path.join(folder, target.rsplit("/", 1)[1])
+        result = _export_and_report(cfg)
+    if folder:
+        print(f"uploaded to {target.rsplit('/', 1)[0]}/{result.path.name}")
+    return 0
+
+
+def _export_and_report(cfg):
+    from vitkit.deploy.export import export_checkpoint
+
     result = export_checkpoint(cfg)
     shape = ", ".join(str(dim) for dim in result.input_shape)
     batch = result.input_shape[0]
@@ -169,7 +214,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"max |exported - pytorch| logit difference: {result.max_abs_diff:.3g} on {checked} (limit 1e-4)")
     if cfg.export.int8:
         _report_int8(result.path)
-    return 0
+    return result
 
 
 def _report_int8(path) -> None:
@@ -187,13 +232,15 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from vitkit.deploy.onnx_runtime import OnnxModel
 
     cfg = _deploy_config(args)
-    model = OnnxModel(args.model, threads=args.threads)
+    model = OnnxModel(_local_model(args.model), threads=args.threads)
     side = None if model.dynamic_size else model.image_size[0]
     preprocessing = resolve_preprocessing(model.card.preprocessing, cfg, side)
     batch_size = args.batch_size or model.batch_size or 32
     workers = args.workers if args.workers is not None else (cfg.eval.num_workers if cfg else 1)
     max_pixels = {"max_image_pixels": cfg.data.max_image_pixels} if cfg is not None else {}
-    result = infer_folder(model, args.data, preprocessing, batch_size, workers, args.save_logits, **max_pixels)
+    from vitkit import storage
+
+    result = infer_folder(model, storage.local_input(args.data), preprocessing, batch_size, workers, args.save_logits, **max_pixels)
     if args.json:
         record = {"images": result.images, "skipped": result.skipped, "infer_seconds": round(result.seconds, 4)}
         if result.accuracy is not None:
@@ -234,7 +281,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.deploy.predict import predict, read_class_names
 
     names = read_class_names(args.labels) if args.labels else None
-    predictions = predict(args.model, args.images, _deploy_config(args), names)
+    predictions = predict(_local_model(_ema_or_given(args, args.model)), args.images, _deploy_config(args), names)
     if args.json:
         print(json.dumps([prediction.as_dict() for prediction in predictions]))
         return 0
@@ -243,6 +290,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for index, name, probability in prediction.top:
             print(f"  {probability:8.4f}  {name} ({index})")
     return 0
+
+
+def _local_model(path: str) -> str:
+    """A remote model file (an .onnx, a .pt2, a checkpoint) as its local copy; a local path as it is."""
+    from vitkit import storage
+
+    return storage.local_input(path, is_data=False)
+
+
+def _ema_or_given(args: argparse.Namespace, path: str) -> str:
+    """With --ema, the EMA weights saved beside the training checkpoint `path` names (or a run folder's newest)."""
+    if not args.ema:
+        return path
+    if not path:
+        raise VitkitError("--ema needs a training checkpoint or run folder: pass --model PATH")
+    from vitkit.engine.checkpoint import ema_weights
+
+    return ema_weights(path)
+
+
+def _add_ema_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ema", action="store_true",
+                        help="use the EMA weights a run with train.ema_decay saved beside the checkpoint "
+                        "(<name>.ema.safetensors; for a run folder, its newest checkpoint's)")
 
 
 def _add_config_path(parser: argparse.ArgumentParser) -> None:
@@ -283,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the original's lines")
     evaluate.add_argument("--report", default=None, metavar="DIR",
                           help="also write a confusion matrix, per-class CSV, confused pairs and misclassified images")
+    _add_ema_flag(evaluate)
     evaluate.set_defaults(run=_cmd_eval, takes_overrides=True)
 
     plot = commands.add_parser("plot", help="PNG curves (loss, lr, top-1/top-5, img/s) of one or more training runs")
@@ -298,9 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default="explain.png", help="the PNG to write (default: explain.png)")
     explain.set_defaults(run=_cmd_explain, takes_overrides=True)
 
-    data = commands.add_parser("data", help="write a real dataset as an image folder")
-    data.add_argument("dataset", choices=["fashion-mnist"], help="the dataset (from the Debian package dataset-fashion-mnist)")
-    data.add_argument("out", help="output folder; gets train/ and val/")
+    data = commands.add_parser("data", help="write a real dataset as an image folder, or a split as WebDataset shards")
+    data.add_argument("dataset", choices=["fashion-mnist", "shard"],
+                      help="fashion-mnist (from the Debian package dataset-fashion-mnist), or shard: `data shard SRC "
+                           "DEST` writes the split SRC (image folder, .tar or shards) as tar shards and index.json")
+    data.add_argument("out", help="output folder (gets train/ and val/); for shard: SRC")
+    data.add_argument("dest", nargs="?", default=None, help="shard only: DEST, a folder or s3://bucket/prefix")
+    data.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=None,
+                      help="shard only: at most this many images per shard")
+    data.add_argument("--max-shard-bytes", "--max_shard_bytes", dest="max_shard_bytes", type=int, default=None,
+                      help="shard only: at most this many bytes per shard (default 1 GiB)")
     data.add_argument("--limit", type=int, default=None, help="at most this many images per class and split")
     data.add_argument("--source", default=None,
                       help="folder of the four IDX .gz files (default: where the Debian package puts them)")
@@ -311,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="the output: .safetensors (recommended), .pth, or .ckpt (MindSpore)")
     convert.add_argument("--num-heads", type=int, default=None, help="head count, when the file cannot say it")
     convert.add_argument("--image-size", type=int, default=None, help="resample position embeddings to this size")
+    _add_config_path(convert)
+    _add_ema_flag(convert)
     convert.set_defaults(run=_cmd_convert)
 
     export = commands.add_parser(
@@ -321,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_path(export)
     export.add_argument("--model", default=None, help="checkpoint or run folder to export (else ckpt_file / pretrained)")
+    _add_ema_flag(export)
     export.set_defaults(run=_cmd_export, takes_overrides=True)
 
     infer = commands.add_parser(
@@ -357,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="checkpoint, run folder, .onnx or .pt2")
     predict.add_argument("--labels", default=None, help="class names, one per line (default: the model's own)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_ema_flag(predict)
     predict.set_defaults(run=_cmd_predict, takes_overrides=True)
     return parser
 
@@ -367,7 +450,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     # Loader workers share the CPU with the training threads; spinning OpenMP threads then stall each other.
-    # Sleeping waits measured 1.44x more training images/s on 2 cores with a loader worker (BENCHMARKS.md).
+    # Sleeping waits give the cores back to the worker, which matters most on a machine with few cores.
     # It only takes effect before torch is imported, which is why nothing above imports it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)

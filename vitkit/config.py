@@ -24,23 +24,24 @@ from typing import Any, Sequence
 
 import yaml
 
+from vitkit.data.loader import MAX_REPEATED_AUG
+from vitkit.data.transforms import AUGMENTS, CROP_MIN_RANGE, NORMALIZATIONS
+from vitkit.engine.losses import LOSS_NAMES
+from vitkit.engine.lr_schedule import LR_MODES
+from vitkit.engine.optim import BETA_RANGE, OPTIMIZER_NAMES
 from vitkit.errors import VitkitError
 from vitkit.model.presets import resolve_preset
+from vitkit.model.vit import ARCH_DEFAULTS, ARCH_FIELDS, MAX_IMAGE_SIDE, STYLES, range_text
 
 
 # Upper bounds of the options that size an allocation or a loop: far past any real run, short of what would take
 # the machine's memory or run for ever (a config typo such as max_epoch=3000000 fails here, not after a week).
 MAX_EPOCHS = 100_000
-MAX_IMAGE_SIDE = 16384  # pixels; a 16384 x 16384 uint8 RGB image is 805 MB
 MAX_BATCH = 1_000_000
 MAX_EXPORT_BATCH = 4096  # the export traces and checks the model on a batch this size
 MAX_WORKERS = 1024
-MAX_CLASSES = 1_000_000
-MAX_PATCH = 1024
-MAX_WIDTH = 16384  # ViT-22B is 6144 wide
-MAX_BLOCKS = 1024  # ViT-22B is 48 deep
-MAX_HEADS = 1024
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+MAX_ACCUM_STEPS = 4096  # micro-batches per optimizer step; 4096 x batch 256 is a 1M-image global batch
 
 
 def _option(default, help, *, flat=None, choices=(), ge=None, gt=None, le=None, lt=None):
@@ -51,44 +52,43 @@ def _option(default, help, *, flat=None, choices=(), ge=None, gt=None, le=None, 
 
 @dataclass
 class ModelConfig:
+    """The model group: these fields, then every ViTArch field the architecture exposes (see _with_arch_options),
+    which build_model passes straight through."""
+
     name: str = _option("vit_base_patch32", "architecture preset (`vitkit models` lists them)", flat="backbone")
-    num_classes: int = _option(
-        1001, "classifier outputs; the original's 1001 is ImageNet's 1000 plus one never-used logit",
-        flat="class_num", ge=1, le=MAX_CLASSES,
-    )
-    image_size: int = _option(
-        224, "training input side in pixels, a multiple of the patch size", flat="train_image_size", gt=0,
-        le=MAX_IMAGE_SIDE,
-    )
-    patch_size: int = _option(0, "patch side in pixels; 0 = the preset's", ge=0, le=MAX_PATCH)
-    embed_dim: int = _option(0, "token width; 0 = the preset's", ge=0, le=MAX_WIDTH)
-    depth: int = _option(0, "transformer blocks; 0 = the preset's", ge=0, le=MAX_BLOCKS)
-    num_heads: int = _option(0, "attention heads, dividing embed_dim; 0 = the preset's", ge=0, le=MAX_HEADS)
-    mlp_dim: int = _option(0, "MLP hidden width; 0 = the preset's", ge=0, le=4 * MAX_WIDTH)
     pretrained: str = _option("", "checkpoint to start from; '' trains from scratch", flat="pretrained")
     components: str = _option(
         "", "dotted path of a ViTComponents subclass that swaps norms, blocks, heads or inits; '' = vitkit's own "
         "(the original's 'src.vit.VitConfig' means the same)", flat="vit_config_path",
     )
-    init: str = _option(
-        "mindspore", "weight init: the original's (N(0,1) cls/pos, Xavier-uniform, zero bias) or timm's",
-        choices=("mindspore", "timm"),
+    grad_checkpointing: bool = _option(
+        False, "activation checkpointing per block while training: each block's activations are recomputed in the "
+        "backward pass instead of kept, for less memory at about one more forward pass of compute; same gradients"
     )
-    ln_eps: float = _option(1e-7, "LayerNorm epsilon (MindSpore's default; timm uses 1e-6)", gt=0)
-    gelu: str = _option(
-        "tanh", "GELU form: the tanh approximation (the original) or exact erf (timm)", choices=("tanh", "erf")
-    )
-    pool: str = _option(
-        "token", "what the head sees: the class token or the mean of the tokens", choices=("token", "mean")
-    )
-    pos_embed: str = _option("learn", "position embedding: learned or fixed 2-D sin-cos", choices=("learn", "sincos"))
-    drop_rate: float = _option(0.1, "dropout on the embedded tokens", ge=0, lt=1)
-    proj_drop_rate: float = _option(0.1, "dropout after the attention output projection", ge=0, lt=1)
-    mlp_drop_rate: float = _option(0.1, "dropout after the MLP activation and after its second layer", ge=0, lt=1)
-    attn_drop_rate: float = _option(0.0, "dropout on the attention probabilities (the original has none)", ge=0, lt=1)
-    drop_path_rate: float = _option(
-        0.1, "stochastic depth of the last block, rising linearly from 0 at the first", ge=0, lt=1
-    )
+
+
+def _with_arch_options(declared: type) -> type:
+    """`declared` with a config option for each ViTArch field the architecture exposes, after `name`.
+
+    Default, choices, range and help come from the field itself (vitkit.model.vit), so a model option is declared
+    in one place; `config=` there says what differs in the config (a flat key, the original's default)."""
+    arch_options = []
+    for name, item in ARCH_FIELDS.items():
+        config = item.metadata.get("config")
+        if config is None:
+            continue
+        metadata = {key: item.metadata[key] for key in ("help", "choices", "ge", "gt", "le", "lt")}
+        metadata["flat"] = None
+        metadata.update({key: value for key, value in config.items() if key != "default"})
+        default = config.get("default", ARCH_DEFAULTS[name])
+        arch_options.append((name, type(default), field(default=default, metadata=metadata)))
+    own = [(item.name, item.type, item) for item in fields(declared)]
+    return dataclasses.make_dataclass(declared.__name__, [own[0], *arch_options, *own[1:]], namespace={
+        "__doc__": declared.__doc__, "__module__": declared.__module__,
+    })
+
+
+ModelConfig = _with_arch_options(ModelConfig)
 
 
 @dataclass
@@ -100,15 +100,18 @@ class DataConfig:
         "/opt/npu/datasets/imagenet/val", "validation images, one folder per class", flat="eval_path"
     )
     interpolation: str = _option(
-        "BILINEAR", "resize filter; the MindSpore names AREA, PILCUBIC and ANTIALIAS mean BOX, BICUBIC and LANCZOS",
+        "BILINEAR", "resize filter; LANCZOS, BOX, HAMMING and PILCUBIC resize with PIL's own filter; the MindSpore "
+        "names LINEAR, CUBIC, ANTIALIAS and AREA mean BILINEAR, BICUBIC, LANCZOS and BOX (OpenCV's area filter: "
+        "equal for whole shrink factors, close otherwise)",
         flat="interpolation",
-        choices=("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING", "AREA", "PILCUBIC", "ANTIALIAS"),
+        choices=("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING", "AREA", "PILCUBIC", "ANTIALIAS",
+                 "LINEAR", "CUBIC"),
     )
     normalization: str = _option(
         "imagenet", "input mean/std: imagenet (the original's) or inception (mean and std 0.5, what Flax .npz and "
-        "Hugging Face ViT weights expect)", choices=("imagenet", "inception"),
+        "Hugging Face ViT weights expect)", choices=tuple(NORMALIZATIONS),
     )
-    crop_min: float = _option(0.05, "smallest area fraction of a random resized crop", flat="crop_min", gt=0, le=1)
+    crop_min: float = _option(0.05, "smallest area fraction of a random resized crop", flat="crop_min", **CROP_MIN_RANGE)
     random_crop: bool = _option(
         True, "random resized crop in training; false resizes the whole image (small centred images, e.g. 28 px)"
     )
@@ -118,8 +121,9 @@ class DataConfig:
     )
     augment: str = _option(
         "autoaugment", "policy after crop and flip; the flat autoaugment key is the original's 1/0 switch "
-        "between autoaugment and none", flat="autoaugment",
-        choices=("none", "autoaugment", "randaugment", "trivialaugment"),
+        "between autoaugment and none; three_augment is DeiT III's (one of grayscale, solarize, blur, then color "
+        "jitter 0.3)", flat="autoaugment",
+        choices=AUGMENTS,
     )
     randaugment_ops: int = _option(2, "operations per image when augment is randaugment", ge=0, le=100)
     randaugment_magnitude: int = _option(9, "strength of each randaugment operation, 0 to 30", ge=0, le=30)
@@ -134,13 +138,17 @@ class DataConfig:
     )
     mixup: float = _option(0.2, "MixUp Beta(alpha, alpha) alpha, one draw per batch; 0 disables", flat="mixup", ge=0)
     cutmix: float = _option(0.0, "CutMix Beta alpha (the original has none); 0 disables", ge=0)
+    repeated_aug: int = _option(
+        1, "repeated augmentation (DeiT's 3): each epoch reads about 1/k of the images k times each, every copy "
+        "augmented differently and, with k <= processes, on a different process; 1 = off", ge=1, le=MAX_REPEATED_AUG,
+    )
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = _option("adamw", "optimizer", flat="opt", choices=("adamw",))
-    beta1: float = _option(0.9, "AdamW first-moment decay", flat="beta1", ge=0, lt=1)
-    beta2: float = _option(0.999, "AdamW second-moment decay", flat="beta2", ge=0, lt=1)
+    name: str = _option("adamw", "optimizer", flat="opt", choices=OPTIMIZER_NAMES)
+    beta1: float = _option(0.9, "AdamW first-moment decay", flat="beta1", **BETA_RANGE)
+    beta2: float = _option(0.999, "AdamW second-moment decay", flat="beta2", **BETA_RANGE)
     eps: float = _option(1e-8, "AdamW epsilon", gt=0)
     weight_decay: float = _option(0.05, "decoupled weight decay", flat="weight_decay", ge=0)
     no_weight_decay_filter: str = _option(
@@ -148,13 +156,18 @@ class OptimizerConfig:
     )
     gc_flag: bool = _option(False, "gradient centralization (a no-op in the original)", flat="gc_flag")
     clip_grad_norm: float = _option(0.0, "clip the global gradient norm to this; 0 = off", ge=0)
+    layer_decay: float = _option(
+        1.0, "layer-wise learning-rate decay (BEiT, timm): the patch embedding, class token and position embedding "
+        "are layer 0, block i is layer i+1, the final norm and head layer depth+1, and layer l learns at "
+        "layer_decay ** (depth+1-l) times the scheduled rate; 1 = off (fine-tuning uses 0.65-0.75)", gt=0, le=1,
+    )
 
 
 @dataclass
 class ScheduleConfig:
     lr_decay_mode: str = _option(
         "cosine", "per-step learning-rate curve after warmup", flat="lr_decay_mode",
-        choices=("cosine", "steps", "poly", "linear", "exp", "cosine_min"),
+        choices=LR_MODES,
     )
     lr_init: float = _option(0.0, "learning rate at the first warmup step", flat="lr_init", ge=0)
     lr_max: float = _option(
@@ -174,7 +187,7 @@ class ScheduleConfig:
 class LossConfig:
     name: str = _option(
         "ce_smooth_mixup", "training loss", flat="loss_name",
-        choices=("ce_smooth", "ce_smooth_mixup", "soft_ce", "ce_ignore"),
+        choices=LOSS_NAMES,
     )
     use_label_smooth: bool = _option(True, "apply label smoothing; false sets the factor to 0", flat="use_label_smooth")
     label_smooth_factor: float = _option(
@@ -194,6 +207,24 @@ class TrainConfig:
     compile: bool = _option(False, "run the model through torch.compile")
     open_profiler: bool = _option(False, "profile the run (use a small dataset and max_epoch=1)", flat="open_profiler")
     resume: str = _option("", "training checkpoint to continue from; '' starts afresh")
+    accum_steps: int = _option(
+        1, "gradient accumulation: micro-batches of data.batch_size per optimizer step, so a step sees "
+        "batch_size x accum_steps x processes images; the lr schedule, step lines, save_checkpoint_steps and "
+        "resume count optimizer steps, and checkpoints fall only between them", ge=1, le=MAX_ACCUM_STEPS,
+    )
+    ema_decay: float = _option(
+        0.0, "keep an exponential moving average of the weights (timm's ModelEmaV3), updated after every optimizer "
+        "step, evaluated beside the raw weights and saved as <checkpoint>.ema.safetensors (use it with --ema); "
+        "0 = off, typical 0.9998-0.99996", ge=0, lt=1,
+    )
+    ema_warmup: bool = _option(
+        True, "ramp the EMA decay up as timm's ModelEmaV3 warm-up: min(ema_decay, 1 - (1 + n)^(-2/3)) at the "
+        "n-th update after the first, which copies the weights; false: ema_decay from the second update on"
+    )
+    freeze: str = _option(
+        "", "parameters left untouched while fine-tuning: 'backbone' trains the head alone (a linear probe), an "
+        "integer N freezes the patch embedding, class token, position embedding and the first N blocks; '' = none"
+    )
 
 
 @dataclass
@@ -286,6 +317,44 @@ class LoggingConfig:
     wandb_project: str = _option("vitkit", "the Weights & Biases project")
 
 
+MAX_SYNC_WAIT_S = 7 * 24 * 3600
+
+
+@dataclass
+class StorageConfig:
+    """Remote paths (s3://, obs://, gs://) and the original's ModelArts sync keys; see docs/cloud.md."""
+
+    endpoint_url: str = _option(
+        "", "S3-compatible endpoint for s3:// and obs:// (OBS, MinIO); '' = AWS_ENDPOINT_URL, else AWS itself"
+    )
+    cache_dir: str = _option("", "local copies of remote data, models and run folders; '' = $VITKIT_CACHE or "
+                             "~/.cache/vitkit")
+    sync_wait_s: int = _option(
+        24 * 3600, "seconds a process waits for its machine's first process to copy remote data in", ge=1,
+        le=MAX_SYNC_WAIT_S,
+    )
+    enable_modelarts: bool = _option(
+        False, "the original's cloud flow: copy data_url, checkpoint_url and train_url in before the run and "
+        "output_path out to train_url at every checkpoint and at the end", flat="enable_modelarts",
+    )
+    data_url: str = _option("", "with enable_modelarts: the remote data set copied to data_path", flat="data_url")
+    train_url: str = _option(
+        "", "with enable_modelarts: the remote run folder, copied to output_path first and mirrored from it",
+        flat="train_url",
+    )
+    checkpoint_url: str = _option(
+        "", "with enable_modelarts: a remote checkpoint (file or folder) copied to load_path", flat="checkpoint_url"
+    )
+    data_path: str = _option("/cache/data", "with enable_modelarts: the local copy of data_url", flat="data_path")
+    output_path: str = _option(
+        "/cache/train", "with enable_modelarts: the local run folder mirrored to train_url; a relative "
+        "checkpoint.output_dir lies inside it", flat="output_path",
+    )
+    load_path: str = _option(
+        "/cache/checkpoint_path", "with enable_modelarts: the local copy of checkpoint_url", flat="load_path"
+    )
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -299,12 +368,12 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
-    def __post_init__(self):
-        # Why keys were ignored or values translated. Not a field, so it never prints or compares as config.
-        self.notes: list[str] = []
-        # Dotted keys the YAML file or the overrides set, for commands where unset keys defer to the model's own.
-        self.explicit_keys: set[str] = set()
+    # Why keys were ignored or values translated: beside the options, never printed, compared or dumped as config.
+    notes: list[str] = field(default_factory=list, repr=False, compare=False, metadata={"group": False})
+    # Dotted keys the YAML file or the overrides set, for commands where unset keys defer to the model's own.
+    explicit_keys: set[str] = field(default_factory=set, repr=False, compare=False, metadata={"group": False})
 
 
 @dataclass(frozen=True)
@@ -330,14 +399,7 @@ class Option:
     @property
     def range_text(self) -> str:
         """The allowed range in words ('>= 1', 'in [0, 1)'), '' when any value goes."""
-        lower = (">=", self.ge) if self.ge is not None else (">", self.gt) if self.gt is not None else None
-        upper = ("<=", self.le) if self.le is not None else ("<", self.lt) if self.lt is not None else None
-        if lower and upper:
-            opening = "[" if lower[0] == ">=" else "("
-            closing = "]" if upper[0] == "<=" else ")"
-            return f"in {opening}{lower[1]}, {upper[1]}{closing}"
-        bound = lower or upper
-        return f"{bound[0]} {bound[1]}" if bound else ""
+        return range_text(self.ge, self.gt, self.le, self.lt)
 
     def broken_bound(self, value) -> str:
         """The first bound `value` breaks, in words ('>= 1', '<= 100000'); '' when it is in range."""
@@ -354,7 +416,7 @@ class Option:
         )
 
 
-GROUPS: dict[str, type] = {group.name: group.type for group in fields(Config)}
+GROUPS: dict[str, type] = {group.name: group.type for group in fields(Config) if group.metadata.get("group", True)}
 OPTIONS: dict[str, Option] = {
     f"{group}.{item.name}": Option(group, item.name, item.type, item.default, **item.metadata)
     for group, group_type in GROUPS.items()
@@ -369,15 +431,6 @@ _EXPORT_DOCUMENT_KEYS = ("file_format", "file_name")
 
 # Original keys with no meaning in PyTorch: accepted, never applied, and each explained in Config.notes.
 _IGNORED_KEYS = {
-    "enable_modelarts": (
-        "ModelArts/OBS sync is not needed; vitkit reads local paths (set data.train_path/model.pretrained)"
-    ),
-    "data_url": "the OBS dataset copied to data_path on ModelArts; set data.train_path/data.val_path to local folders",
-    "train_url": "the OBS folder the outputs were copied to on ModelArts; vitkit writes to checkpoint.output_dir",
-    "checkpoint_url": "the OBS checkpoint copied to load_path on ModelArts; set model.pretrained to a local file",
-    "output_path": "the ModelArts output cache synced to train_url; set checkpoint.output_dir",
-    "data_path": "the ModelArts dataset cache; set data.train_path/data.val_path",
-    "load_path": "the ModelArts checkpoint cache; set model.pretrained",
     "device_target": "vitkit picks the device itself: set train.device (auto/cpu/cuda)",
     "device_id": "the Ascend card to use; set train.device=cuda:N or CUDA_VISIBLE_DEVICES",
     "pretrained_url": "the transfer script's OBS checkpoint; set model.pretrained to a local file",
@@ -439,7 +492,7 @@ def load_config(config_path: str | os.PathLike | None = None, overrides: Sequenc
 
 def config_to_dict(config: Config) -> dict:
     """The nested native form: {group: {field: value}} in definition order."""
-    return dataclasses.asdict(config)
+    return {name: dataclasses.asdict(getattr(config, name)) for name in GROUPS}
 
 
 def dump_yaml(config: Config) -> str:
@@ -842,6 +895,10 @@ def _check_together(config: Config, origins: dict[str, _Setting]) -> None:
             if key not in origins:
                 _set(config, OPTIONS[key], preset["image_size"])
                 _add_note(config.notes, f"{key}: {preset['image_size']}, the input size in the model name {model.name}")
+    # The style is the one switch for numerics and regularisation: what no file or override set follows it.
+    for name, value in STYLES[model.style].items():
+        if f"model.{name}" not in origins:
+            _set(config, OPTIONS[f"model.{name}"], value)
     patch = model.patch_size or preset["patch_size"]
     width, heads = model.embed_dim or preset["embed_dim"], model.num_heads or preset["num_heads"]
     if width % heads:

@@ -66,9 +66,10 @@ def device_stages(transform: v2.Compose) -> tuple[v2.Transform, float]:
 class EncodedCropDataset(ImageFolderDataset):
     """ImageFolderDataset whose JPEGs come out encoded with their crop plan (`EncodedCrop`); other files decoded."""
 
-    def __init__(self, samples, transform: v2.Compose, seed: int = 0, max_image_pixels: int | None = None):
-        super().__init__(samples, transform, seed, **({} if max_image_pixels is None else
-                                                       {"max_image_pixels": max_image_pixels}))
+    def __init__(self, samples, transform: v2.Compose, seed: int = 0, max_image_pixels: int | None = None,
+                 source=None):
+        super().__init__(samples, transform, seed, source=source, **({} if max_image_pixels is None else
+                                                                      {"max_image_pixels": max_image_pixels}))
         self._first, self._flip_p = device_stages(transform)
 
     def _decode_transformed_seeded(self, data: np.ndarray, index: int):

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from vitkit.data.loader import check_seed, derive_seed, sample_seed
+from vitkit.data.loader import check_seed, derive_seed, sample_seed, split_sample_key
 from vitkit.errors import VitkitError
 
 try:
@@ -74,26 +74,36 @@ def list_image_folder(root: str | os.PathLike, num_classes: int | None = None) -
     path = _check_folder(root, "data folder")
     with os.scandir(path) as entries:
         class_names = sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
-    if not class_names:
-        raise VitkitError(f"{path} has no class subfolders; arrange the images as {path}/<class>/<image>")
-    if num_classes is not None and num_classes < len(class_names):
-        raise VitkitError(
-            f"{path} has {len(class_names)} class folders but num_classes is {num_classes}; "
-            f"set num_classes to at least {len(class_names)}"
-        )
+    check_class_count(path, class_names, num_classes)
     samples = [
         (image, label)
         for label, name in enumerate(class_names)
         for image in _images_under(os.path.join(path, name))
     ]
+    check_labelled_samples(path, samples, class_names)
+    return samples, class_names
+
+
+def check_class_count(where: str, class_names: list[str], num_classes: int | None) -> None:
+    """Some classes, and no more than num_classes of them (None: any number); `where` names the folder or archive."""
+    if not class_names:
+        raise VitkitError(f"{where} has no class subfolders; arrange the images as {where}/<class>/<image>")
+    if num_classes is not None and num_classes < len(class_names):
+        raise VitkitError(
+            f"{where} has {len(class_names)} class folders but num_classes is {num_classes}; "
+            f"set num_classes to at least {len(class_names)}"
+        )
+
+
+def check_labelled_samples(where: str, samples: list[Sample], class_names: list[str]) -> None:
+    """At least one image; a warning naming the classes that have none (their labels are never targets)."""
     if not samples:
         extensions = ", ".join(IMAGE_EXTENSIONS)
-        raise VitkitError(f"no images ({extensions}) in the class folders of {path}; check the data path")
+        raise VitkitError(f"no images ({extensions}) in the class folders of {where}; check the data path")
     empty = sorted(set(class_names) - {class_names[label] for _, label in samples})
     if empty:
         shown = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
-        warnings.warn(f"{len(empty)} class folders of {path} hold no images ({shown}); their labels are never targets")
-    return samples, class_names
+        warnings.warn(f"{len(empty)} class folders of {where} hold no images ({shown}); their labels are never targets")
 
 
 def list_flat_folder(root: str | os.PathLike) -> list[Sample]:
@@ -179,8 +189,8 @@ def _png_problem(data: np.ndarray) -> str | None:
     torchvision's PNG decoder (0.29) ends the process with a segmentation fault when libpng fails on the pixel rows:
     a flipped bit in the compressed stream, fewer rows than the header says, a bad row filter. Neither a try nor a
     loader worker survives that. So the pixel stream is inflated here first, a piece at a time, and checked: its
-    chunk CRCs, its zlib integrity, its length against the header's size and each row's filter byte. That adds half
-    to two thirds of torchvision's decode time for photos (one more inflate; 28 px images: 20 us). Anything it cannot
+    chunk CRCs, its zlib integrity, its length against the header's size and each row's filter byte. That costs one
+    more inflate of the pixel stream, the price of never crashing the process on a damaged file. Anything it cannot
     vouch for (interlaced rows, extra data) goes to PIL, which raises instead of crashing.
     """
     header = _png_header(data)
@@ -289,7 +299,7 @@ def _jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
     PIL's reader, used where the extension is not built, is less strict: it also passes RGB-coded JPEGs and headers
     libjpeg warns about, whose large crops then take the reduced decode rather than the plain one."""
     if jpeg_size is not None:
-        return jpeg_size(data)  # libjpeg's header reader: 30 times faster than PIL's
+        return jpeg_size(data)  # libjpeg's header reader: no PIL image object to open
     header = _jpeg_header(data)
     return None if header is None else header.size
 
@@ -390,8 +400,8 @@ def _decode_box(data: np.ndarray, box, output_size: tuple[int, int]) -> torch.Te
     pixels = decode_region(data, left, top, right - left, bottom - top)
     if pixels is None:
         return None
-    # A (1, 3, H, W) view of (H, W, 3) memory: torch's uint8 antialiased resize runs twice as fast on this layout as
-    # on planar memory, and computes the same pixels.
+    # A (1, 3, H, W) view of (H, W, 3) memory: torch's uint8 antialiased resize runs faster on this layout than on
+    # planar memory (its kernel works on interleaved pixels), and computes the same pixels.
     region = torch.frombuffer(pixels, dtype=torch.uint8).view(1, bottom - top, right - left, 3).permute(0, 3, 1, 2)
     if tuple(region.shape[2:]) == output_size:
         return region[0]
@@ -451,7 +461,7 @@ def _run_stage(stage: Callable[[torch.Tensor], torch.Tensor], image: torch.Tenso
 
 
 def read_bytes(path: str) -> np.ndarray:
-    """A file's bytes as a writable uint8 array, read straight into it (half the time np.fromfile takes)."""
+    """A file's bytes as a writable uint8 array, read straight into it (one read, no intermediate copy)."""
     with open(path, "rb", buffering=0) as file:
         data = bytearray(os.fstat(file.fileno()).st_size)
         view, size = memoryview(data), 0
@@ -463,6 +473,26 @@ def read_bytes(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)[:size]
 
 
+class FileSource:
+    """Where sample i's bytes come from when each sample is a file: read(i) reads it whole, name(i) is its path.
+    Other sources (vitkit.data.archives: a tar member or a shard's byte range) offer the same two methods.
+
+    Paths are kept in one numpy array rather than a list of strings: workers then share the parent's pages instead
+    of copying them as reference counts change (a known DataLoader memory growth)."""
+
+    def __init__(self, paths: list[str]):
+        self._paths = np.array([os.fsencode(path) for path in paths], dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def name(self, index: int) -> str:
+        return os.fsdecode(self._paths[index])
+
+    def read(self, index: int) -> np.ndarray:
+        return read_bytes(self.name(index))
+
+
 class ImageFolderDataset(Dataset):
     """Decoded, augmented samples: dataset[i] is (uint8 (3, H, W) image, label, i).
 
@@ -471,20 +501,23 @@ class ImageFolderDataset(Dataset):
     `collate_skipping_failures` drops and counts, so one bad file never stops a run. `max_image_pixels` is
     data.max_image_pixels.
 
-    Augmentation is a pure function of (seed, epoch, index): torch's global CPU generator (which torchvision's
-    transforms draw from) is seeded from the three (`sample_seed`) right before the transform and restored right
-    after. The result is the same whatever the worker count, worker assignment, order or resume point, and the
-    main process's stream (which dropout draws from) is untouched when there are no workers. The epoch lives in shared
-    memory, so `set_epoch` reaches persistent workers started in an earlier epoch.
+    Augmentation is a pure function of (seed, epoch, key), the key being the index or, under repeated augmentation,
+    a copy's key (`split_sample_key`): torch's global CPU generator (which torchvision's transforms draw from) is
+    seeded from the three (`sample_seed`) right before the transform and restored right after. The result is the
+    same whatever the worker count, worker assignment, order or resume point, and the main process's stream (which
+    dropout draws from) is untouched when there are no workers. The epoch lives in shared memory, so `set_epoch`
+    reaches persistent workers started in an earlier epoch.
 
-    Paths are kept in one numpy array rather than a list of strings: workers then share the parent's pages instead
-    of copying them as reference counts change (a known DataLoader memory growth).
+    The bytes come from `source` (FileSource when None: each sample's path is a file), which must hold the samples
+    in the same order; the rest (decode, augmentation, seeds) is the same whatever the source.
     """
 
     def __init__(self, samples: list[Sample], transform: Callable[[torch.Tensor], torch.Tensor] | None, seed: int = 0,
-                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS, source=None):
         self.max_image_pixels = max_image_pixels
-        self._paths = np.array([os.fsencode(path) for path, _ in samples], dtype=np.bytes_)
+        self.source = FileSource([path for path, _ in samples]) if source is None else source
+        if len(self.source) != len(samples):
+            raise ValueError(f"the byte source holds {len(self.source)} samples, the list {len(samples)}")
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.transform = transform
         self.seed = check_seed(seed)
@@ -504,18 +537,20 @@ class ImageFolderDataset(Dataset):
         self._epoch.fill_(int(epoch))
 
     def path(self, index: int) -> str:
-        return os.fsdecode(self._paths[index])
+        return self.source.name(index)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int]:
-        index = int(index)
+    def __getitem__(self, key: int) -> tuple[torch.Tensor | None, int, int]:
+        # A key past the last sample is another copy of one under repeated augmentation (ShardSampler's repeats):
+        # the same image, augmented from the key's own seed.
+        index, _ = split_sample_key(int(key), len(self))
         path = self.path(index)
         label = int(self.labels[index])
         try:
-            data = read_bytes(path)
+            data = self.source.read(index)
             # Before any decoder (the device's nvJPEG included) allocates what the header promises.
             check_image_size(data, self.max_image_pixels)
             image = (decode_rgb(data, max_pixels=None) if self.transform is None
-                     else self._decode_transformed_seeded(data, index))
+                     else self._decode_transformed_seeded(data, int(key)))
         except Exception as error:  # noqa: BLE001 - whatever one file does (MemoryError included), the run goes on
             reason = _reason(error) if isinstance(error, (OSError, UnreadableImage)) else (
                 f"{type(error).__name__}: {_reason(error)}")
@@ -529,9 +564,9 @@ class ImageFolderDataset(Dataset):
             self._epoch_key = (epoch, derive_seed(self.seed, epoch))
         return self._epoch_key[1]
 
-    def augmentation_seed(self, index: int) -> int:
-        """The seed that sample `index` of the current epoch is augmented with."""
-        return sample_seed(self._key_of_epoch(), index)
+    def augmentation_seed(self, key: int) -> int:
+        """The seed that sample key `key` (an index, or a copy's key) of the current epoch is augmented with."""
+        return sample_seed(self._key_of_epoch(), key)
 
     def _decode_transformed_seeded(self, data: np.ndarray, index: int) -> torch.Tensor:
         generator = torch.default_generator

@@ -22,6 +22,9 @@ def derive_seed(*parts: int) -> int:
 
 
 _MASK64 = (1 << 64) - 1
+# Copies of each image per epoch under repeated augmentation (data.repeated_aug): DeiT uses 3, and past a few an
+# epoch sees too few distinct images to be of use.
+MAX_REPEATED_AUG = 16
 
 
 def sample_seed(epoch_key: int, index: int) -> int:
@@ -34,6 +37,12 @@ def sample_seed(epoch_key: int, index: int) -> int:
     return mixed ^ (mixed >> 31)
 
 
+def split_sample_key(key: int, num_samples: int) -> tuple[int, int]:
+    """(dataset index, copy) of a key ShardSampler yields: copy c of sample i under repeated augmentation is the
+    key i + c * num_samples, and a key below num_samples is the index itself (copy 0)."""
+    return key % num_samples, key // num_samples
+
+
 def check_seed(seed: int) -> int:
     """The seed as an int; negative seeds are refused because they cannot be hashed into a stream."""
     if int(seed) < 0:
@@ -42,7 +51,7 @@ def check_seed(seed: int) -> int:
 
 
 class ShardSampler(Sampler[int]):
-    """The indices one rank reads in one epoch; the same on every rank for an epoch, new for each epoch.
+    """The sample keys one rank reads in one epoch; the same on every rank for an epoch, new for each epoch.
 
     Each epoch permutes range(num_samples) with a generator seeded from (seed, epoch) (identity order when
     `shuffle` is False) and rank r takes positions r, r + world_size, ... With `pad` (training) the permutation is
@@ -50,7 +59,17 @@ class ShardSampler(Sampler[int]):
     DistributedSampler and the original's sharding do. Without it (evaluation) every sample is read exactly once
     across the ranks and rank lengths differ by at most one.
 
-    `set_epoch(e)` selects epoch e from its start; `skip(n)` then drops this rank's first n indices of that epoch,
+    Repeated augmentation (`repeats` k > 1, training only; DeiT's RASampler, timm's RepeatAugSampler): every entry of
+    the permutation is written k times in a row before the ranks take their positions, so with k <= world_size the
+    k copies of an image land on k different ranks (with one process, k neighbours of one batch). The epoch keeps
+    its length, ceil(num_samples / world_size) per rank, so it covers about num_samples / k distinct images, each
+    k times (timm's default also rounds that down to a multiple of 256 samples; here the epoch is exactly as long as
+    without repeats, so steps per epoch and the schedule do not depend on k). Copy c of sample i is yielded as the
+    key i + c * num_samples (`split_sample_key`): the dataset reads sample i and seeds its augmentation from the
+    key, so each copy is augmented differently. Copy 0 is the index itself, and with k = 1 the order is exactly
+    the plain one.
+
+    `set_epoch(e)` selects epoch e from its start; `skip(n)` then drops this rank's first n keys of that epoch,
     so a run resumed after n samples continues with exactly the next one. len() counts what is left.
     """
 
@@ -62,17 +81,26 @@ class ShardSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         pad: bool = True,
+        repeats: int = 1,
     ):
         if num_samples < 1:
             raise VitkitError("the dataset is empty (0 samples); point the data path at a folder with images")
         if world_size < 1 or not 0 <= rank < world_size:
             raise VitkitError(f"rank {rank} does not fit world size {world_size}; launch with torchrun")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= MAX_REPEATED_AUG:
+            raise VitkitError(
+                f"data.repeated_aug must be a whole number from 1 (off) to {MAX_REPEATED_AUG}, got {repeats!r}"
+            )
+        if repeats > 1 and not pad:
+            raise VitkitError("repeated augmentation is for training; evaluation reads every sample once: "
+                              "leave data.repeated_aug at 1 there")
         self.num_samples = num_samples
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
         self.seed = check_seed(seed)
         self.pad = pad
+        self.repeats = repeats
         self.epoch = 0
         self.start = 0
 
@@ -96,17 +124,18 @@ class ShardSampler(Sampler[int]):
         self.start = int(num_consumed)
 
     def epoch_indices(self) -> list[int]:
-        """This rank's whole epoch, before skipping."""
+        """This rank's whole epoch of sample keys, before skipping."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
-        if self.pad:
-            total = self.samples_per_epoch * self.world_size
-            repeats = -(-total // self.num_samples)
-            order = order.repeat(repeats)[:total]
-        return order[self.rank::self.world_size].tolist()
+        # Positions in the permutation with each entry written `repeats` times, which pad wraps around to its start
+        # (tiny datasets on many ranks); only this rank's positions are computed, never the repeated list itself.
+        span = self.samples_per_epoch * self.world_size if self.pad else self.num_samples
+        positions = torch.arange(self.rank, span, self.world_size) % (self.num_samples * self.repeats)
+        copies = positions % self.repeats
+        return (order[positions // self.repeats] + copies * self.num_samples).tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices()[self.start:])
@@ -138,7 +167,7 @@ def collate_skipping_failures(
     # process; torch.stack into private memory would be copied there once more on sending.
     if any(_is_channels_last(image) for image, _, _ in kept):
         # The JPEG paths give (3, H, W) views of (H, W, 3) memory. Stacking them as they lie is a plain copy; stacking
-        # them into planar memory would transpose every image, which costs the workers 0.1-0.2 ms an image (only the
+        # them into planar memory would transpose every image, a strided copy far slower than a plain one (only the
         # odd planar one, from a PNG or a fallback decode, is transposed here). The device makes the batch planar
         # while normalizing it (normalize_batch), where it costs next to nothing.
         images = default_collate([image.permute(1, 2, 0) for image, _, _ in kept]).permute(0, 3, 1, 2)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -28,12 +28,14 @@ NORMALIZATIONS = {
 CROP_RATIO = (0.75, 1.333)
 # The original's AutoAugment fills uncovered pixels with (128, 128, 128); RandAugment and TrivialAugment follow it.
 AUGMENT_FILL = 128
-AUGMENTS = ("autoaugment", "randaugment", "trivialaugment", "none")
+AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment", "three_augment")
+# The random resized crop's smallest area fraction: above 0 (a crop of no pixels), at most the whole image.
+CROP_MIN_RANGE = dict(gt=0, le=1)
 
-# torchvision resizes uint8 tensors with NEAREST, BILINEAR and BICUBIC only (LANCZOS arrived for tensors after
-# torchvision 0.26), so the PIL-only filters map to BICUBIC with antialiasing, the nearest tensor equivalent: every
-# torchvision version then gives the same pixels. MindSpore's names are accepted: LINEAR and CUBIC are its aliases,
-# AREA is a box filter, PILCUBIC is PIL's bicubic and ANTIALIAS is PIL's Lanczos.
+# Each name's filter. MindSpore's names are accepted: LINEAR and CUBIC are its bilinear and bicubic, PILCUBIC is
+# PIL's bicubic, ANTIALIAS PIL's Lanczos, and AREA (OpenCV's INTER_AREA) becomes PIL's box filter: the same
+# averages where an image shrinks by a whole factor, weights sampled at pixel centres rather than integrated over
+# overlaps at other factors (a level or so apart), and nearest-neighbour rather than bilinear where it is enlarged.
 INTERPOLATIONS = {
     "NEAREST": InterpolationMode.NEAREST,
     "BILINEAR": InterpolationMode.BILINEAR,
@@ -41,12 +43,16 @@ INTERPOLATIONS = {
     "BICUBIC": InterpolationMode.BICUBIC,
     "CUBIC": InterpolationMode.BICUBIC,
     "PILCUBIC": InterpolationMode.BICUBIC,
-    "LANCZOS": InterpolationMode.BICUBIC,
-    "ANTIALIAS": InterpolationMode.BICUBIC,
-    "BOX": InterpolationMode.BICUBIC,
-    "AREA": InterpolationMode.BICUBIC,
-    "HAMMING": InterpolationMode.BICUBIC,
+    "LANCZOS": InterpolationMode.LANCZOS,
+    "ANTIALIAS": InterpolationMode.LANCZOS,
+    "BOX": InterpolationMode.BOX,
+    "AREA": InterpolationMode.BOX,
+    "HAMMING": InterpolationMode.HAMMING,
 }
+# Names whose resize runs on the PIL form of the image (OnPILImage), giving PIL's own pixels: torchvision's uint8
+# tensor kernels have no BOX or HAMMING, have LANCZOS only in recent versions, and PILCUBIC names PIL's bicubic.
+# The other names resize the tensor, within a level or two of PIL's pixels.
+PIL_RESIZED = ("LANCZOS", "ANTIALIAS", "BOX", "AREA", "HAMMING", "PILCUBIC")
 
 
 def interpolation_mode(name: str) -> InterpolationMode:
@@ -55,6 +61,11 @@ def interpolation_mode(name: str) -> InterpolationMode:
     if mode is None:
         raise VitkitError(f"unknown interpolation {name!r}; choose one of {', '.join(INTERPOLATIONS)}")
     return mode
+
+
+def _resize_on(interpolation: str, resize: v2.Transform) -> v2.Transform:
+    """`resize` (made with interpolation_mode(interpolation)), on the PIL image where the name means PIL's filter."""
+    return OnPILImage(resize) if str(interpolation).upper() in PIL_RESIZED else resize
 
 
 # The eval resize's longer side is capped at this many times the shorter side's target (torchvision's max_size):
@@ -114,7 +125,7 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 class OnPILImage(v2.Transform):
     """Runs a torchvision transform on the PIL form of a uint8 (3, H, W) tensor and hands back such a tensor.
 
-    The augment policies are 2-5x faster on PIL images than on tensors at 224 px (PIL shears, rotates and equalizes
+    The augment policies are faster on PIL images than on tensors (PIL shears, rotates and equalizes
     uint8 pixels in C; the tensor kernels go through float grids and per-channel histograms), which more than pays
     for the two conversions. The policy draws the same random numbers whatever the input type, so the operations
     and magnitudes chosen for a sample do not change, only each operation's rounding. The original ran its policy
@@ -132,6 +143,51 @@ class OnPILImage(v2.Transform):
         return repr(self.inner)
 
 
+class ThreeAugment(v2.Transform):
+    """DeiT III's 3-Augment on PIL images: one of grayscale, solarization and Gaussian blur, chosen uniformly, then
+    color jitter. `augment_transform` runs it through OnPILImage, as the other policies.
+
+    As DeiT III's augment.py, which ran on PIL images too: grayscale with three equal channels, solarization
+    inverting every value of 128 or more (ImageOps.solarize), PIL's Gaussian blur with a radius (its standard
+    deviation) uniform in [0.1, 2.0], then ColorJitter(brightness, contrast and saturation `color_jitter`, no hue)
+    in a random order. DeiT III draws the choice and the radius with Python's `random`; here every draw comes from
+    torch's generator, which the dataset seeds per sample (`make_params`: the operation, the radius, then the
+    jitter's order and factors).
+    """
+
+    OPERATIONS = ("grayscale", "solarize", "blur")
+    SOLARIZE_THRESHOLD = 128
+    BLUR_RADIUS = (0.1, 2.0)
+
+    def __init__(self, color_jitter: float = 0.3):
+        super().__init__()
+        if not 0.0 <= color_jitter <= 1.0:
+            raise VitkitError(f"3-Augment's color jitter must be in [0, 1], got {color_jitter}")
+        self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        operation = self.OPERATIONS[int(torch.randint(len(self.OPERATIONS), ()))]
+        radius = float(torch.empty(()).uniform_(*self.BLUR_RADIUS))
+        jitter = self.jitter.make_params(flat_inputs) if self.jitter is not None else None
+        return dict(operation=operation, radius=radius, jitter=jitter)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, Image.Image):
+            raise TypeError(f"ThreeAugment works on PIL images (wrap it in OnPILImage), got {type(inpt).__name__}")
+        operation = params["operation"]
+        if operation == "grayscale":
+            inpt = inpt.convert("L").convert("RGB")
+        elif operation == "solarize":
+            inpt = ImageOps.solarize(inpt, self.SOLARIZE_THRESHOLD)
+        else:
+            # PIL's own blur, as DeiT III's: three box blurs approximating the Gaussian, several times faster than
+            # torchvision's exact convolution.
+            inpt = inpt.filter(ImageFilter.GaussianBlur(params["radius"]))
+        if params["jitter"] is not None:
+            inpt = self.jitter.transform(inpt, params["jitter"])
+        return inpt
+
+
 def augment_transform(augment: str, randaugment_ops: int, randaugment_magnitude: int) -> v2.Transform | None:
     """The policy transform for an augment name (run on PIL images), or None for 'none'."""
     name = str(augment).lower()
@@ -141,6 +197,8 @@ def augment_transform(augment: str, randaugment_ops: int, randaugment_magnitude:
         return OnPILImage(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude, fill=AUGMENT_FILL))
     if name == "trivialaugment":
         return OnPILImage(v2.TrivialAugmentWide(fill=AUGMENT_FILL))
+    if name == "three_augment":
+        return OnPILImage(ThreeAugment())
     if name == "none":
         return None
     raise VitkitError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
@@ -165,7 +223,7 @@ def train_transform(
     costs a quarter of the crop on 28 px images. `normalization` is the one the batch gets later: random erasing's
     noise is drawn in its units.
     """
-    if not 0.0 < crop_min <= 1.0:
+    if not CROP_MIN_RANGE["gt"] < crop_min <= CROP_MIN_RANGE["le"]:
         raise VitkitError(f"crop_min must be in (0, 1], got {crop_min}")
     if not 0.0 <= random_erasing <= 1.0:
         raise VitkitError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
@@ -174,7 +232,7 @@ def train_transform(
         resize = v2.RandomResizedCrop(image_size, scale=(crop_min, 1.0), ratio=CROP_RATIO, interpolation=mode, antialias=True)
     else:
         resize = v2.Resize((image_size, image_size), interpolation=mode, antialias=True)
-    stages: list[v2.Transform] = [resize, v2.RandomHorizontalFlip(0.5)]
+    stages: list[v2.Transform] = [_resize_on(interpolation, resize), v2.RandomHorizontalFlip(0.5)]
     policy = augment_transform(augment, randaugment_ops, randaugment_magnitude)
     if policy is not None:
         stages.append(policy)
@@ -194,8 +252,8 @@ def eval_transform(image_size: int, interpolation: str = "BILINEAR", resize_size
     if resize_size < image_size:
         raise VitkitError(f"the eval resize size {resize_size} is below the crop size {image_size}; raise it or use 0")
     return v2.Compose([
-        v2.Resize(resize_size, interpolation=interpolation_mode(interpolation), antialias=True,
-                  max_size=EVAL_MAX_ASPECT * resize_size),
+        _resize_on(interpolation, v2.Resize(resize_size, interpolation=interpolation_mode(interpolation),
+                                            antialias=True, max_size=EVAL_MAX_ASPECT * resize_size)),
         v2.CenterCrop(image_size),
     ])
 

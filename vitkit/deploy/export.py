@@ -19,17 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from vitkit.deploy.infer import resolve_preprocessing
 from vitkit.deploy.metadata import (
     INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelCard, Preprocessing, normalization_name,
 )
+from vitkit.config import _FORMAT_SUFFIXES
 from vitkit.engine.build import warn_on_other_normalization
 from vitkit.engine.checkpoint import newest_weights
 from vitkit.errors import VitkitError
 from vitkit.fileio import atomic_path
-from vitkit.model.loading import model_from_weights, read_weights
+from vitkit.model.loading import model_for_config, read_weights
 from vitkit.model.formats.pt2 import load_pt2_program
 from vitkit.model.vit import VisionTransformer
 
@@ -70,54 +70,23 @@ class ExportResult:
         return f"MatMul -> Softmax -> MatMul per block ({self.op_counts['Softmax']} Softmax); opset 23+ fuses it"
 
 
-class AnySizeViT(nn.Module):
-    """A ViT that takes any image side divisible by its patch: the position embedding is resampled inside the graph.
-
-    Bicubic without antialiasing, so larger inputs match load_model(image_size=...) and smaller ones are close
-    to it. At the trained size the resampling is exact (bicubic at scale 1 reproduces its input).
-    """
-
-    def __init__(self, model: VisionTransformer):
-        super().__init__()
-        self.model = model
-        self.prefix = model.arch.num_prefix_tokens
-        self.grid = model.arch.grid_size
-        self.patch = model.arch.patch_size
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        tokens = model.patch_embed(images)
-        rows, cols = images.shape[-2] // self.patch, images.shape[-1] // self.patch
-        pos = model.pos_embed
-        width = pos.shape[-1]
-        grid = pos[:, self.prefix :].reshape(1, self.grid, self.grid, width).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
-        pos = torch.cat([pos[:, : self.prefix], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, width)], dim=1)
-        if model.cls_token is not None:
-            tokens = torch.cat([model.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return model.forward_head(model.pooled_tokens(model.pos_drop(tokens + pos)))
-
-
 def export_checkpoint(cfg) -> ExportResult:
     """Export the checkpoint the config names (export.ckpt_file, else model.pretrained) as export.* says."""
     export = cfg.export
     checkpoint = export.ckpt_file or cfg.model.pretrained
     if not checkpoint:
         raise VitkitError("no checkpoint to export: pass --model PATH (or set pretrained / ckpt_file)")
-    overrides = {}
-    if export.image_size:
-        overrides["image_size"] = export.image_size
-    if cfg.model.num_heads:
-        overrides["num_heads"] = cfg.model.num_heads
+    overrides = {"image_size": export.image_size} if export.image_size else {}
     checkpoint = newest_weights(checkpoint)
     weights = read_weights(checkpoint)
     warn_on_other_normalization(weights.source, cfg.data.normalization, checkpoint, stacklevel=2)
-    model = model_from_weights(weights, **overrides).eval()
-    card = ModelCard(
-        Preprocessing(model.arch.image_size, cfg.eval.resize_size, cfg.data.interpolation, cfg.data.normalization),
-        tuple(model.class_names) if model.class_names else None,
-        model.arch.patch_size,
-    )
+    model, weights_card = model_for_config(weights, cfg.model, with_card=True, **overrides)
+    model.eval()
+    # The eval preprocessing saved with the weights, except what the config sets explicitly; at the export's size.
+    preprocessing = resolve_preprocessing(weights_card.preprocessing, cfg, model.arch.image_size)
+    if preprocessing.image_size != model.arch.image_size:
+        preprocessing = dataclasses.replace(preprocessing, image_size=model.arch.image_size)
+    card = ModelCard(preprocessing, weights_card.class_names, model.arch.patch_size)
     return export_model(
         model, export.file_name, export.file_format, card, batch_size=export.batch_size, opset=export.opset,
         dynamic_batch=export.dynamic_batch, dynamic_image_size=export.dynamic_image_size,
@@ -138,22 +107,29 @@ def export_model(
     """Write `model` to `path` as ONNX or PT2, after checking the written file against the model. The export runs on
     the CPU in eval mode; the caller's model is then put back on its device and in its mode."""
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training, arch = model.training, model.arch
     try:
+        if dynamic_image_size:
+            _check_dynamic_size(arch)
+            # The model's own any-size path (its forward resamples the position embedding), for the export only.
+            model.arch = arch.replace(dynamic_img_size=True)
         return _export_on_cpu(model.cpu().eval(), path, file_format, card, batch_size, opset, dynamic_batch,
-                              dynamic_image_size)
+                              dynamic_image_size, arch)
     finally:
+        model.arch = arch
         model.to(device).train(was_training)
 
 
-def _export_on_cpu(model: VisionTransformer, path, file_format: str, card: ModelCard | None, batch_size: int,
-                   opset: int, dynamic_batch: bool, dynamic_image_size: bool) -> ExportResult:
-    arch = model.arch
-    if dynamic_image_size and arch.pos_embed != "learn":
+def _check_dynamic_size(arch) -> None:
+    if arch.pos_embed != "learn":
         raise VitkitError(
             f"export.dynamic_image_size resamples learned position embeddings, but this model's are {arch.pos_embed} "
             "(computed for each grid, not resampled): export at a fixed export.image_size instead"
         )
+
+
+def _export_on_cpu(model: VisionTransformer, path, file_format: str, card: ModelCard | None, batch_size: int,
+                   opset: int, dynamic_batch: bool, dynamic_image_size: bool, arch) -> ExportResult:
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if file_format == "ONNX" and weight_bytes >= _ONNX_SINGLE_FILE_LIMIT:
         raise VitkitError(
@@ -161,7 +137,7 @@ def _export_on_cpu(model: VisionTransformer, path, file_format: str, card: Model
             "export it as PT2 (export.file_format=PT2)"
         )
     card = card or ModelCard(Preprocessing(arch.image_size), None, arch.patch_size)
-    module: nn.Module = AnySizeViT(model) if dynamic_image_size else model
+    module = model
     # A size-1 example would be specialised to a constant by torch.export, so a dynamic batch is traced with two.
     example_batch = max(batch_size, 2) if dynamic_batch else batch_size
     generator = torch.Generator().manual_seed(0)
@@ -174,7 +150,7 @@ def _export_on_cpu(model: VisionTransformer, path, file_format: str, card: Model
         bigger = arch.image_size + arch.patch_size
         checks.append(torch.randn(1, arch.in_chans, bigger, bigger + arch.patch_size, generator=generator))
     file_format = file_format.upper()
-    path = Path(path)
+    path = with_format_suffix(path, file_format)
     with torch.no_grad():
         references = [module(images).numpy() for images in checks]
         if file_format == "ONNX":
@@ -190,6 +166,16 @@ def _export_on_cpu(model: VisionTransformer, path, file_format: str, card: Model
     normalization = card.preprocessing.normalization if card.preprocessing else "imagenet"
     return ExportResult(path, file_format, shape, arch.num_classes, diff, [tuple(c.shape) for c in checks], op_counts,
                         opset if file_format == "ONNX" else None, normalization)
+
+
+def with_format_suffix(path: str | os.PathLike, file_format: str) -> Path:
+    """`path` with the format's suffix appended unless it ends in it already (any case), as MindSpore's export
+    names its files: 'model' becomes 'model.onnx', 'vit.b32' 'vit.b32.onnx'."""
+    path = Path(path)
+    suffix = _FORMAT_SUFFIXES.get(file_format.upper())
+    if suffix is None or path.name.lower().endswith(suffix):
+        return path
+    return path.with_name(path.name + suffix)
 
 
 def _dynamic_shapes(patch: int, dynamic_batch: bool, dynamic_image_size: bool):

@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+from vitkit.data.archives import list_inference_input
 from vitkit.data.folder import MAX_IMAGE_PIXELS, ImageFolderDataset, list_flat_folder, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.deploy.metadata import Preprocessing, normalization_name
@@ -69,8 +70,12 @@ def resolve_preprocessing(card_preprocessing: Preprocessing | None, cfg, model_s
     return Preprocessing(model_side)
 
 
-def list_samples(data_dir: str | os.PathLike, num_classes: int | None) -> tuple[list[tuple[str, int]], bool]:
-    """The images under `data_dir` and whether they have labels: class subfolders do, a flat folder does not."""
+def list_samples(data_dir: str | os.PathLike, num_classes: int | None) -> tuple[list[tuple[str, int]], bool, object]:
+    """The images under `data_dir`, whether they have labels (class subfolders do, a flat folder does not) and
+    where their bytes lie (None: each is a file; a .tar or shards: vitkit.data.archives)."""
+    archived = list_inference_input(os.fspath(data_dir), num_classes)
+    if archived is not None:
+        return archived
     path = Path(data_dir)
     if not path.exists():
         raise VitkitError(f"data folder {path} does not exist: check the path")
@@ -79,8 +84,8 @@ def list_samples(data_dir: str | os.PathLike, num_classes: int | None) -> tuple[
     has_classes = any(entry.is_dir() and not entry.name.startswith(".") for entry in path.iterdir())
     if has_classes:
         samples, _ = list_image_folder(path, num_classes)
-        return samples, True
-    return list_flat_folder(path), False
+        return samples, True, None
+    return list_flat_folder(path), False, None
 
 
 def infer_folder(
@@ -93,14 +98,14 @@ def infer_folder(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> InferResult:
     model.check_input_size(preprocessing.image_size)
-    samples, labelled = list_samples(data_dir, model.num_classes)
+    samples, labelled, source = list_samples(data_dir, model.num_classes)
     paths = [path for path, _ in samples]
     out_dir = None
     if save_logits is not None:
         check_unique_stems(paths)
         out_dir = Path(save_logits)
         out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = ImageFolderDataset(samples, preprocessing.transform(), max_image_pixels=max_image_pixels)
+    dataset = ImageFolderDataset(samples, preprocessing.transform(), max_image_pixels=max_image_pixels, source=source)
     sampler = ShardSampler(len(samples), rank=0, world_size=1, shuffle=False, pad=False)
     loader = build_loader(dataset, sampler, batch_size, usable_workers(num_workers), drop_last=False, pin_memory=False)
     hits1 = hits5 = images = skipped = 0

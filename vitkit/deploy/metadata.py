@@ -10,7 +10,8 @@ import json
 
 import torch
 
-from vitkit.data.transforms import eval_resize_size, eval_transform, normalize_batch
+from vitkit.data.transforms import INTERPOLATIONS, NORMALIZATIONS, eval_resize_size, eval_transform, normalize_batch
+from vitkit.errors import VitkitError
 
 METADATA_KEY = "vitkit.deploy"
 # The exported input is what the original fed its MINDIR: float32 NCHW, already (x - mean) / std on the 0-255 scale,
@@ -47,6 +48,33 @@ class Preprocessing:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images after transform() as the float32 input the exported model takes."""
         return normalize_batch(images, normalization=self.normalization)
+
+    @classmethod
+    def from_metadata(cls, fields, where: str) -> "Preprocessing | None":
+        """The preprocessing a weights file states (None when it states none), each field checked: a file's word
+        sizes the eval resize, so a hostile one gets a one-line VitkitError, not a huge allocation."""
+        if fields is None:
+            return None
+        # Imported here: vitkit.model's package imports the loader, which imports this module.
+        from vitkit.model.vit import MAX_IMAGE_SIDE
+
+        def bad(why: str) -> VitkitError:
+            return VitkitError(f"{where} {why}: the file is damaged or not vitkit's")
+
+        if not isinstance(fields, dict):
+            raise bad("is not a JSON object of preprocessing fields")
+        known = {item.name for item in dataclasses.fields(cls)}
+        if set(fields) - known or "image_size" not in fields:
+            raise bad(f"has fields {sorted(map(str, fields))}, not image_size and some of {sorted(known - {'image_size'})}")
+        for name, low, high in (("image_size", 1, MAX_IMAGE_SIDE), ("resize_size", 0, 2 * MAX_IMAGE_SIDE)):
+            value = fields.get(name, 0)
+            if type(value) is not int or not low <= value <= high:
+                raise bad(f"has {name} {value!r}, not a whole number in [{low}, {high}]")
+        for name, choices in (("interpolation", INTERPOLATIONS), ("normalization", NORMALIZATIONS)):
+            value = fields.get(name, getattr(cls, name))
+            if not isinstance(value, str) or value not in choices:
+                raise bad(f"has {name} {str(value)[:40]!r}, not one of {', '.join(choices)}")
+        return cls(**fields)
 
     def describe(self) -> str:
         return (f"resize shorter side to {self.effective_resize} ({self.interpolation}), "

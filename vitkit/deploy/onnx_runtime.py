@@ -46,8 +46,8 @@ def session_options(threads: int = 0):
     options.intra_op_num_threads = threads or cpu_threads()
     options.inter_op_num_threads = 1
     # Idle pool threads sleep instead of spinning, like the CLI's OMP_WAIT_POLICY=PASSIVE for torch: on a small
-    # shared CPU a spinning thread steals the core another thread needs (1.3-1.5x more images/s measured on 2
-    # loaded cores, batch 1 and 32).
+    # shared CPU a spinning thread steals the core another thread needs, most of
+    # all on a loaded machine with few cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise to a user
     return options

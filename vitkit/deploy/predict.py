@@ -76,19 +76,19 @@ class _TorchClassifier(_Classifier):
             self.num_classes = None
             return
         from vitkit.engine.checkpoint import newest_weights
-        from vitkit.model.loading import model_from_weights, read_weights
+        from vitkit.model.loading import model_for_config, read_weights
 
         overrides = {"image_size": cfg.eval.image_size} if cfg is not None else {}
-        if cfg is not None and cfg.model.num_heads:
-            overrides["num_heads"] = cfg.model.num_heads
         weights = read_weights(newest_weights(path))
-        model = model_from_weights(weights, **overrides).eval()
+        model, card = model_for_config(weights, cfg.model if cfg is not None else None, with_card=True, **overrides)
+        model.eval()
         self.source = weights.source
         self.module = model
         self.side = model.arch.image_size
         self.num_classes = model.arch.num_classes
-        # A checkpoint records no eval preprocessing: the config's applies, else the original's at the model's size.
-        self.card = ModelCard(None, tuple(model.class_names or ()) or None, model.arch.patch_size)
+        # The class names and eval preprocessing saved with the weights (older files have none: the config's
+        # preprocessing applies, else the original's at the model's size).
+        self.card = card
 
     def check(self, side: int) -> None:
         if self.side is not None and side != self.side:
@@ -120,6 +120,15 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     if not names:
         raise VitkitError(f"{path} holds no class names: write one name per line, in class-index order")
     return names
+
+
+def model_class_names(names, num_classes: int) -> list[str]:
+    """One name per class: the model's own names (its training folders), then "class i" for each index they do not
+    reach. A model trained with more outputs than folders (the original's class_num 1001 over ImageNet's 1000
+    folders) holds fewer names than classes; its extra outputs were never trained on a class, so only an index
+    can name them, in the form a model with no names at all gets for every class."""
+    known = list(names or ())[:num_classes]
+    return known + [f"class {index}" for index in range(len(known), num_classes)]
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
@@ -161,19 +170,19 @@ def predict(
         from vitkit.engine.build import warn_on_other_normalization
 
         warn_on_other_normalization(classifier.source, preprocessing.normalization, model_path)
-    names = class_names or (list(card.class_names) if card.class_names else None)
     transform = preprocessing.transform()
     max_pixels = cfg.data.max_image_pixels if cfg is not None else MAX_IMAGE_PIXELS
     batch = torch.stack([prepare_image(path, transform, max_pixels) for path in images])
     logits = classifier(preprocessing.normalize(batch).numpy()).astype(np.float64)
-    if names is not None and len(names) < logits.shape[1]:
-        raise VitkitError(f"{len(names)} class names for {logits.shape[1]} classes: give one name per class")
+    if class_names is not None and len(class_names) < logits.shape[1]:
+        raise VitkitError(f"{len(class_names)} class names for {logits.shape[1]} classes: give one name per class")
+    names = class_names or model_class_names(card.class_names, logits.shape[1])
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     results = []
     for path, row in zip(images, probabilities):
         order = np.argsort(-row, kind="stable")[: min(top, row.shape[0])]
         results.append(Prediction(path, [
-            (int(i), names[i] if names else f"class {i}", float(row[i])) for i in order
+            (int(i), names[i], float(row[i])) for i in order
         ]))
     return results

@@ -40,7 +40,7 @@ def check_unique_stems(image_paths: list[str]) -> None:
 def write_result(folder: Path, image_path: str, logits: np.ndarray) -> None:
     """One image's logits, replaced in one rename so a reader never sees half a file.
 
-    No fsync per file: that costs ~7 ms each here (70 s for 10,000 images) and guards only against power loss.
+    No fsync per file: one disk flush per image would dominate the run, and guards only against power loss.
     """
     target = folder / result_name(image_path)
     partial = folder / f".{target.name}.partial"

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
 import torch
 
 from vitkit.errors import VitkitError
 from vitkit.engine.checkpoint import newest_weights
-from vitkit.model.loading import load_state, read_weights, source_numerics
-from vitkit.model.vit import VisionTransformer, make_arch
+from vitkit.model.loading import drop_unfitting_head, load_state, read_weights, source_numerics
+from vitkit.model.vit import ARCH_FIELDS, VisionTransformer, arch_from_options
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Checkpoint sources whose models were trained on inputs normalized with mean and std 0.5 (Flax .npz from the ViT
@@ -47,25 +48,11 @@ def autocast_context(precision: str, device: torch.device):
 
 
 def build_model(model_cfg, num_classes: int | None = None) -> VisionTransformer:
-    """The configured preset, any shape fields set in the config, its numerics, regularisation and components."""
-    shape = {key: getattr(model_cfg, key) for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim")}
-    arch = make_arch(
-        model_cfg.name,
-        **{key: value for key, value in shape.items() if value},
-        num_classes=model_cfg.num_classes if num_classes is None else num_classes,
-        image_size=model_cfg.image_size,
-        init=model_cfg.init,
-        ln_eps=model_cfg.ln_eps,
-        gelu=model_cfg.gelu,
-        pool=model_cfg.pool,
-        class_token=model_cfg.pool == "token",
-        pos_embed=model_cfg.pos_embed,
-        drop_rate=model_cfg.drop_rate,
-        proj_drop_rate=model_cfg.proj_drop_rate,
-        mlp_drop_rate=model_cfg.mlp_drop_rate,
-        attn_drop_rate=model_cfg.attn_drop_rate,
-        drop_path_rate=model_cfg.drop_path_rate,
-    )
+    """The configured preset with every architecture option of the model group passed straight through, and its
+    components. `num_classes` stands in for the configured count (a dataset's)."""
+    options = {item.name: getattr(model_cfg, item.name) for item in dataclasses.fields(model_cfg) if item.name in ARCH_FIELDS}
+    changes = {} if num_classes is None else {"num_classes": num_classes}
+    arch = arch_from_options(model_cfg.name, options, **changes)
     return VisionTransformer(arch, components=model_cfg.components or None)
 
 
@@ -81,16 +68,8 @@ def load_pretrained(model: VisionTransformer, path: str, normalization: str = "i
     weights = read_weights(path)
     _warn_on_other_numerics(model, weights, path)
     warn_on_other_normalization(weights.source, normalization, path)
-    state = dict(weights.state_dict)
     own = model.state_dict()
-    skipped = []
-    for name in ("head.weight", "head.bias"):
-        if name in state and (name not in own or state[name].shape != own[name].shape):
-            skipped.append(name)
-            del state[name]
-    for name in [name for name in state if name.startswith("pre_logits.") and name not in own]:
-        skipped.append(name)
-        del state[name]
+    state, skipped = drop_unfitting_head(dict(weights.state_dict), {name: tensor.shape for name, tensor in own.items()})
     skipped += [name for name in own if name not in state and name not in skipped]
     unexpected = [name for name in state if name not in own]
     if unexpected:
@@ -123,3 +102,26 @@ def warn_on_other_normalization(source: str, normalization: str, path, stackleve
             "not ImageNet's: set data.normalization=inception",
             stacklevel=stacklevel + 1,
         )
+
+
+def freeze_parameters(model: VisionTransformer, spec: str) -> list[str]:
+    """train.freeze: '' freezes nothing; 'backbone' everything but the head (a linear probe); an integer N the patch
+    embedding, class token, position embedding and the first N blocks. Frozen parameters get requires_grad False,
+    so they get no gradients and the optimizer (which takes trainable parameters only) never sees them. Returns the
+    frozen parameters' names."""
+    spec = str(spec).strip()
+    if not spec:
+        return []
+    depth = len(model.blocks)
+    if spec == "backbone":
+        frozen = [name for name, _ in model.named_parameters() if not name.startswith("head.")]
+    elif spec.isdigit() and len(spec) <= 4 and int(spec) <= depth:
+        stem = ("patch_embed.", "cls_token", "pos_embed")
+        frozen_blocks = tuple(f"blocks.{index}." for index in range(int(spec)))
+        frozen = [name for name, _ in model.named_parameters() if name.startswith(stem + frozen_blocks)]
+    else:
+        raise VitkitError(f"train.freeze is '{spec[:40]}': use '' (train everything), 'backbone' (the head alone) or "
+                          f"a number of blocks from 0 to the model's depth, {depth}")
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
+    return frozen

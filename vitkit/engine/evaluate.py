@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vitkit.data.folder import ImageFolderDataset, list_image_folder
+from vitkit.data.archives import list_labelled
+from vitkit.data.folder import ImageFolderDataset
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.data.transforms import eval_transform, normalize_batch
 from vitkit.engine.build import autocast_context, pick_device, resolve_precision, warn_on_other_normalization
@@ -14,7 +15,7 @@ from vitkit.errors import VitkitError
 from vitkit.faults import fault_point
 from vitkit.progress import progress_bar
 from vitkit.metrics import TopKCounts as EvalResult
-from vitkit.model.loading import model_from_weights, read_weights
+from vitkit.model.loading import model_for_config, read_weights
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -95,17 +96,14 @@ def evaluate_checkpoint(cfg, model_path: str, report_dir: str = "") -> tuple[Eva
 def _evaluate_checkpoint(cfg, model_path: str, context, report_dir: str = "") -> tuple[EvalResult, str]:
     model_path = newest_weights(model_path)
     device = pick_device(cfg.train.device, context.local_rank)
-    overrides = {"image_size": cfg.eval.image_size}
-    if cfg.model.num_heads:
-        overrides["num_heads"] = cfg.model.num_heads
     weights = read_weights(model_path)
     if context.rank == 0:  # one warning, not one per rank
         warn_on_other_normalization(weights.source, cfg.data.normalization, model_path, stacklevel=3)
-    model = model_from_weights(weights, **overrides).to(device).eval()
-    samples, folder_classes = list_image_folder(cfg.data.val_path, model.arch.num_classes)
+    model = model_for_config(weights, cfg.model, image_size=cfg.eval.image_size).to(device).eval()
+    samples, folder_classes, source = list_labelled(cfg.data.val_path, model.arch.num_classes)
     dataset = ImageFolderDataset(
         samples, eval_transform(cfg.eval.image_size, cfg.data.interpolation, resize_size=cfg.eval.resize_size or None),
-        max_image_pixels=cfg.data.max_image_pixels,
+        max_image_pixels=cfg.data.max_image_pixels, source=source,
     )
     # No padding: every image is read by exactly one rank, so the summed counts equal one process's.
     sampler = ShardSampler(len(samples), rank=context.rank, world_size=context.world_size, shuffle=False, pad=False)
@@ -119,7 +117,7 @@ def _evaluate_checkpoint(cfg, model_path: str, context, report_dir: str = "") ->
 
         indices, labels, top5 = (torch.cat(parts) for parts in zip(*predictions)) if predictions else (
             torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty((0, 1), dtype=torch.int64))
-        class_names = list(getattr(model, "class_names", None) or folder_classes)
+        class_names = list(weights.class_names or folder_classes)  # the model's head is the file's
         write_eval_report(report_dir, class_names, labels.numpy(), top5.numpy(),
                           [samples[index][0] for index in indices.tolist()])
     return result, model_path

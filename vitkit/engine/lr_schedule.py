@@ -14,7 +14,7 @@ import torch
 
 from vitkit.errors import VitkitError
 
-LR_MODES = ("cosine", "cosine_min", "steps", "poly", "linear", "exp")
+LR_MODES = ("cosine", "steps", "poly", "linear", "exp", "cosine_min")
 # Step decay factors and where they start, as fractions of the whole run (the original's `steps` mode).
 _STEP_DECAY = ((0.3, 0.1), (0.6, 0.01), (0.8, 0.001))
 # exp mode's end value as a fraction of lr_max when lr_min is 0: exponential decay can never reach 0 itself.
@@ -100,7 +100,8 @@ def build_lr_schedule(
 
 
 class PerStepLR:
-    """Sets every param group's learning rate to lrs[i] for the i-th optimizer step (counting from 0).
+    """Sets every param group's learning rate to lrs[i] for the i-th optimizer step (counting from 0), times the
+    group's `lr_scale` where it has one (layer-wise lr decay, see optim.split_decay_groups).
 
     Call `step()` once after each `optimizer.step()`. Past the end of the schedule the last value is kept.
     The original meant exactly this; its custom AdamW never advanced the step on MindSpore >= 2.2, freezing lrs[0].
@@ -124,7 +125,7 @@ class PerStepLR:
     def _apply(self) -> None:
         lr = self.current_lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self) -> None:
         self.steps_done += 1

@@ -4,6 +4,7 @@ Gradient clipping is plain `torch.nn.utils.clip_grad_norm_`; nothing here wraps 
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,6 +13,8 @@ from torch import nn
 from vitkit.errors import VitkitError
 
 OPTIMIZER_NAMES = ("adamw",)
+# AdamW's moment decays: 0 keeps no history, 1 would never forget (and divide by zero in the bias correction).
+BETA_RANGE = dict(ge=0, lt=1)
 
 
 def _mindspore_aliases(name: str) -> list[str]:
@@ -31,6 +34,7 @@ def split_decay_groups(
     weight_decay: float,
     name_aliases: Callable[[str], Sequence[str]] | None = None,
     centralize: bool = False,
+    layer_decay: float = 1.0,
 ) -> list[dict]:
     """The original's two parameter groups: trainable params decayed with `weight_decay`, and the rest at 0.
 
@@ -43,23 +47,46 @@ def split_decay_groups(
 
     An empty filter gives a single decayed group. The decayed group carries `"centralize": centralize` for
     `centralize_gradients`; the other group never centralizes. Frozen params are left out; empty groups are dropped.
+
+    Every group has an `lr_scale`, the factor PerStepLR multiplies the scheduled rate by: 1 unless `layer_decay` < 1,
+    which splits both groups per layer (`layer_lr_scales`), as timm's param_groups_layer_decay does.
     """
     filters = [part.strip() for part in no_weight_decay_filter.split(",") if part.strip()]
     aliases = _mindspore_aliases if name_aliases is None else name_aliases
-    decayed, not_decayed = [], []
+    scales = layer_lr_scales(model, layer_decay) if layer_decay != 1.0 else {}
+    groups: dict[tuple[float, bool], dict] = {}  # (lr_scale, decayed): in the order the params come
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         names = [name, *aliases(name)] if filters else [name]
-        skips_decay = any(part in candidate for part in filters for candidate in names)
-        (not_decayed if skips_decay else decayed).append(param)
-    if not decayed and not not_decayed:
+        decays = not any(part in candidate for part in filters for candidate in names)
+        scale = scales.get(name, 1.0)
+        if (scale, decays) not in groups:
+            groups[scale, decays] = {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                     "centralize": centralize and decays, "lr_scale": scale}
+        groups[scale, decays]["params"].append(param)
+    if not groups:
         raise VitkitError("the model has no trainable parameters: unfreeze some before building the optimizer")
-    groups = [
-        {"params": decayed, "weight_decay": weight_decay, "centralize": centralize},
-        {"params": not_decayed, "weight_decay": 0.0, "centralize": False},
-    ]
-    return [group for group in groups if group["params"]]
+    # Decayed groups first, as the original's two groups were ordered.
+    return [groups[key] for key in sorted(groups, key=lambda key: not key[1])]
+
+
+def layer_id(name: str, depth: int) -> int:
+    """The layer of a ViT parameter for layer-wise lr decay, as timm's VisionTransformer.group_matcher assigns it:
+    0 for the patch embedding, class token and position embedding, i + 1 for block i, depth + 1 for the rest (the
+    final norm, fc_norm, pre-logits and head)."""
+    if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+        return 0
+    match = re.match(r"blocks\.(\d+)\.", name)
+    return int(match[1]) + 1 if match else depth + 1
+
+
+def layer_lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Each parameter's lr factor under layer-wise decay: layer_decay ** (depth + 1 - layer_id)."""
+    if not 0.0 < layer_decay <= 1.0:
+        raise VitkitError(f"layer_decay must be in (0, 1], got {layer_decay}: set optimizer.layer_decay")
+    depth = len(model.blocks)
+    return {name: layer_decay ** (depth + 1 - layer_id(name, depth)) for name, _ in model.named_parameters()}
 
 
 @torch.no_grad()
@@ -91,26 +118,28 @@ def build_optimizer(
     gc_flag: bool,
     fused: bool | None = None,
     name_aliases: Callable[[str], Sequence[str]] | None = None,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
     """torch AdamW over `split_decay_groups`; its update is the original's (decoupled decay lr·wd·param, eps outside
     the square root of the bias-corrected second moment).
 
     `gc_flag` marks the decayed group for `centralize_gradients`. `fused=None` picks the fused kernel when every
     param is on the CPU or CUDA and lets torch choose otherwise. `lr` is only the starting value:
-    PerStepLR sets the real one every step. `name_aliases` is passed to `split_decay_groups`.
+    PerStepLR sets the real one every step. `name_aliases` and `layer_decay` are passed to `split_decay_groups`.
     """
     if str(name).lower() not in OPTIMIZER_NAMES:
         raise VitkitError(f"unknown optimizer '{name}': only {', '.join(OPTIMIZER_NAMES)} is supported")
     beta1, beta2 = betas
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+    if not all(BETA_RANGE["ge"] <= beta < BETA_RANGE["lt"] for beta in (beta1, beta2)):
         raise VitkitError(f"beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}")
     if eps <= 0:
         raise VitkitError(f"eps must be greater than 0, got {eps}")
     if weight_decay < 0:
         raise VitkitError(f"weight_decay must be 0 or more, got {weight_decay}")
-    groups = split_decay_groups(model, no_weight_decay_filter, weight_decay, name_aliases, centralize=bool(gc_flag))
+    groups = split_decay_groups(model, no_weight_decay_filter, weight_decay, name_aliases, centralize=bool(gc_flag),
+                                layer_decay=layer_decay)
     if fused is None:
-        # One kernel over all parameters: on 2 CPU cores it stepped ViT-B/32's 88M parameters in 0.46 s against
-        # 2.8 s for torch's default (foreach), a third of a batch-16 training step (BENCHMARKS.md).
+        # One kernel over all parameters: torch's default on the CPU is a loop over the tensors, one at a time,
+        # which costs a noticeable share of a CPU training step on a large model.
         fused = all(param.device.type in ("cpu", "cuda") for group in groups for param in group["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, fused=fused)

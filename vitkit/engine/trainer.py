@@ -1,10 +1,12 @@
 """`vitkit train`: the original's recipe on image folders, with its log lines, exact eval, checkpoints and resume."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -12,13 +14,16 @@ from torch import nn
 
 from vitkit.config import Config, config_to_dict, dump_yaml, to_flat
 from vitkit.data.device_decode import EncodedCropDataset, collate_encoded, decode_batch
-from vitkit.data.folder import ImageFolderDataset, list_image_folder
+from vitkit.data.archives import list_labelled
+from vitkit.data.folder import ImageFolderDataset
 from vitkit.data.loader import ShardSampler, build_loader, usable_workers
 from vitkit.data.mixup import BatchMixer
 from vitkit.data.transforms import eval_transform, normalize_batch, train_transform
 from vitkit.engine import checkpoint as ckpt
-from vitkit.engine.build import autocast_context, build_model, load_pretrained, pick_device, resolve_precision
+from vitkit.engine.build import (autocast_context, build_model, freeze_parameters, load_pretrained, pick_device,
+                                 resolve_precision)
 from vitkit.engine.distributed import DistContext, setup_distributed, wrap_model
+from vitkit.engine.ema import ModelEma
 from vitkit.engine.evaluate import evaluate
 from vitkit.engine.losses import build_loss
 from vitkit.engine.lr_schedule import PerStepLR, build_lr_schedule
@@ -29,6 +34,7 @@ from vitkit.engine.preemption import Preempted, StopRequests, ignore_stop_signal
 from vitkit.errors import VitkitError
 from vitkit.faults import fault_point
 from vitkit.progress import progress_bar
+from vitkit.storage import RemoteFolder, prepare_training
 
 # Under fp16 the scaler halves its scale at every overflowing step; below this no step can be finite any more.
 _SMALLEST_LOSS_SCALE = 2.0**-16
@@ -39,6 +45,16 @@ _STOP_CHECK_STEPS = 10
 def _mix_seed(seed: int, step: int) -> int:
     """A per-step seed for the batch mixer, so mixup draws depend on (seed, step) alone and survive a resume."""
     return (seed * 1_000_003 + step) % (2**63)
+
+
+@contextlib.contextmanager
+def _fsdp_gradient_sync_off(model: nn.Module):
+    """FSDP2's counterpart of DDP's no_sync(): gradients stay unsharded and local until a backward with sync on."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 @dataclasses.dataclass
@@ -60,8 +76,9 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, mirrors: Sequence[RemoteFolder] = ()):
         self.cfg = cfg
+        self.mirrors = list(mirrors)  # remote output folders (storage.prepare_training), synced after each save
         self.dist: DistContext = setup_distributed(cfg.distributed, cfg.train.device)
         self.device = pick_device(cfg.train.device, self.dist.local_rank)
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -101,8 +118,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, data = self.cfg, self.cfg.data
-        train_samples, self.class_names = list_image_folder(data.train_path, cfg.model.num_classes)
-        val_samples, val_classes = list_image_folder(data.val_path, cfg.model.num_classes)
+        # Each split is an image folder, a .tar of class folders or shards; `*_source` says where its bytes lie.
+        train_samples, self.class_names, train_source = list_labelled(data.train_path, cfg.model.num_classes)
+        val_samples, val_classes, val_source = list_labelled(data.val_path, cfg.model.num_classes)
         if val_classes != self.class_names:
             raise VitkitError(
                 f"validation classes differ from training classes ({len(val_classes)} vs {len(self.class_names)} folders): "
@@ -116,14 +134,16 @@ class Trainer:
         self.decode_on_device = data.decode_on == "device"
         dataset_class = EncodedCropDataset if self.decode_on_device else ImageFolderDataset
         self.train_set = dataset_class(train_samples, transform, seed=cfg.train.seed,
-                                       max_image_pixels=data.max_image_pixels)
+                                       max_image_pixels=data.max_image_pixels, source=train_source)
         self.train_sampler = ShardSampler(len(train_samples), rank=self.dist.rank, world_size=self.dist.world_size,
-                                          shuffle=True, seed=cfg.train.seed, pad=True)
-        self.steps_per_epoch = len(self.train_sampler) // data.batch_size
+                                          shuffle=True, seed=cfg.train.seed, pad=True, repeats=data.repeated_aug)
+        # Optimizer steps: each takes train.accum_steps micro-batches; the epoch's last few that fill no step are left.
+        accum = cfg.train.accum_steps
+        self.steps_per_epoch = len(self.train_sampler) // (data.batch_size * accum)
         if self.steps_per_epoch == 0:
             raise VitkitError(
-                f"the training set has {len(train_samples)} images, fewer than one batch of {data.batch_size} per "
-                f"process: lower data.batch_size"
+                f"the training set has {len(train_samples)} images, fewer than one step of {data.batch_size} x "
+                f"{accum} (data.batch_size x train.accum_steps) per process: lower data.batch_size or train.accum_steps"
             )
         self.train_loader = build_loader(self.train_set, self.train_sampler, data.batch_size,
                                          self._workers(data.num_workers), drop_last=True,
@@ -131,7 +151,7 @@ class Trainer:
                                          worker_init_fn=ignore_stop_signals)
         val_set = ImageFolderDataset(val_samples, eval_transform(cfg.eval.image_size, interpolation=data.interpolation,
                                                                  resize_size=cfg.eval.resize_size or None),
-                                     seed=cfg.train.seed, max_image_pixels=data.max_image_pixels)
+                                     seed=cfg.train.seed, max_image_pixels=data.max_image_pixels, source=val_source)
         val_sampler = ShardSampler(len(val_samples), rank=self.dist.rank, world_size=self.dist.world_size,
                                    shuffle=False, seed=cfg.train.seed, pad=False)
         self.val_loader = build_loader(val_set, val_sampler, cfg.eval.batch_size, self._workers(cfg.eval.num_workers),
@@ -150,6 +170,19 @@ class Trainer:
             skipped = load_pretrained(self.model, cfg.model.pretrained, normalization=cfg.data.normalization)
             note = f" (left freshly initialised: {', '.join(skipped)})" if skipped else ""
             self.log.info(f"loaded pretrained weights from {cfg.model.pretrained}{note}")
+        frozen = freeze_parameters(self.model, cfg.train.freeze)
+        if frozen:
+            kept = sum(param.numel() for param in self.model.parameters() if param.requires_grad)
+            self.log.info(f"train.freeze={cfg.train.freeze}: {len(frozen)} parameter tensors frozen, {kept:,} "
+                          "parameters train")
+        self.model.grad_checkpointing = cfg.model.grad_checkpointing
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            if self.dist.world_size > 1 and cfg.distributed.strategy == "fsdp":
+                raise VitkitError("train.ema_decay averages full weights, which FSDP shards across processes: use "
+                                  "distributed.strategy=ddp with the EMA, or set train.ema_decay=0")
+            # Copied before the model is wrapped: every rank holds the same weights, so each averages its own copy.
+            self.ema = ModelEma(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.train_model = wrap_model(self.model, self.dist, self.device, cfg.distributed.strategy, self.precision)
         if cfg.train.compile:
             self.train_model = torch.compile(self.train_model)
@@ -158,7 +191,8 @@ class Trainer:
         cfg = self.cfg
         opt, sched = cfg.optimizer, cfg.schedule
         self.optimizer = build_optimizer(self.model, opt.name, sched.lr_max, (opt.beta1, opt.beta2), opt.eps,
-                                         opt.weight_decay, opt.no_weight_decay_filter, opt.gc_flag)
+                                         opt.weight_decay, opt.no_weight_decay_filter, opt.gc_flag,
+                                         layer_decay=opt.layer_decay)
         self.lrs = build_lr_schedule(sched.lr_decay_mode, sched.lr_init, sched.lr_max, sched.lr_min,
                                      sched.warmup_epochs, sched.max_epoch, self.steps_per_epoch, sched.poly_power)
         self.scheduler = PerStepLR(self.optimizer, self.lrs)
@@ -169,6 +203,9 @@ class Trainer:
                                 generator=self.mix_generator)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=cfg.train.loss_scale,
                                            enabled=self.precision == "fp16")
+        # Where the current optimizer step is: micro-batches of it done, and whether any of them left gradients.
+        self._micro_index = 0
+        self._window_has_grads = False
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def _state(self, stem: str) -> tuple[dict, dict]:
@@ -187,6 +224,11 @@ class Trainer:
             "format": "vitkit-train",
             "arch": ckpt.arch_dict(self.model),
             "class_names": self.class_names,
+            # The eval preprocessing, saved with the weights so that predict and export apply it unasked.
+            "preprocessing": {
+                "image_size": self.cfg.eval.image_size, "resize_size": self.cfg.eval.resize_size,
+                "interpolation": self.cfg.data.interpolation, "normalization": self.cfg.data.normalization,
+            },
             **tensors,
             "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -194,6 +236,7 @@ class Trainer:
                 self.progress, step_samples=self._step_samples(),
                 epoch_samples=self.progress.step_in_epoch * self._step_samples())),
             "rng": rng,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": config_to_dict(self.cfg),
         }, weights
 
@@ -211,9 +254,17 @@ class Trainer:
             # At an epoch's end the position is the start of the next one; the name keeps the original's `-{e}_{steps}`.
             state["progress"].update(epoch=self.progress.epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_failed=0,
                                      epoch_samples=0)
-        ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model, weights)
+        ckpt.save_training_checkpoint(self.output_dir, stem, state, self.model, weights,
+                                      ema_model=self.ema.module if self.ema is not None else None)
         ckpt.prune_checkpoints(self.output_dir, self.cfg.checkpoint.keep_checkpoint_max, protect=self.progress.best_stem)
+        self.publish()
         return path
+
+    def publish(self) -> None:
+        """Upload what is new in the output folders to their URLs, each checkpoint's .pt after its other files;
+        rank 0 alone deletes what pruning removed (another machine's leader only adds its own files)."""
+        for mirror in self.mirrors:
+            mirror.sync(delete=self.is_main)
 
     def _resume(self, path: Path, state: dict) -> None:
         if state["arch"] != ckpt.arch_dict(self.model):
@@ -229,10 +280,16 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema = ModelEma(self.model, self.cfg.train.ema_decay, warmup=self.cfg.train.ema_warmup)
+                self.log.info(f"'{path}' holds no EMA weights: the average starts from the resumed weights")
         self.log.info(f"resumed from {path} at epoch {self.progress.epoch}, step {self.progress.step_in_epoch}")
 
     def _step_samples(self) -> int:
-        return self.cfg.data.batch_size * self.dist.world_size
+        return self.cfg.data.batch_size * self.cfg.train.accum_steps * self.dist.world_size
 
     def _position_for_this_world(self, path: Path, saved: Progress) -> Progress:
         """The saved position in this run's steps. Ranks read interleaved positions of one permutation per epoch,
@@ -246,7 +303,8 @@ class Trainer:
             raise VitkitError(
                 f"'{path}' stopped {saved.epoch_samples} samples into epoch {saved.epoch}, which is no whole number "
                 f"of this run's steps of {step_samples} samples ({self.dist.world_size} processes x batch_size "
-                f"{self.cfg.data.batch_size}): resume with the world size and batch_size that wrote it "
+                f"{self.cfg.data.batch_size} x accum_steps {self.cfg.train.accum_steps}): resume with the world "
+                "size, batch_size and accum_steps that wrote it "
                 f"({saved.step_samples} samples a step), or from a checkpoint written at an epoch's end"
             )
         # The schedule is rebuilt for this run's steps per epoch: restart it at the same fraction of training.
@@ -259,7 +317,11 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: forward and backward, its gradients added to those of the step's earlier micro-batches,
+        and the optimizer step after the last of train.accum_steps (after every call when it is 1). Returns the
+        micro-batch's mean loss."""
         empty = images.shape[0] == 0
+        accum = self.cfg.train.accum_steps
         if empty:
             # Every image of this rank's batch was unreadable, but the other ranks' backward waits for this rank's
             # gradients: a zero loss over one blank image joins the all-reduce with zero gradients.
@@ -269,16 +331,50 @@ class Trainer:
                                  normalization=self.cfg.data.normalization)
         labels = labels.to(self.device, non_blocking=True)
         if self.mixer.enabled and not empty:
-            self.mix_generator.manual_seed(_mix_seed(self.cfg.train.seed, self.progress.global_step))
+            micro_batch = self.progress.global_step * accum + self._micro_index
+            self.mix_generator.manual_seed(_mix_seed(self.cfg.train.seed, micro_batch))
             images, targets = self.mixer(images, labels)
         else:
             targets = labels
-        with autocast_context(self.precision, self.device):
-            logits = self.train_model(images)
-        loss = logits.float().sum() * 0.0 if empty else self.criterion(logits.float(), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if not self._window_has_grads:
+            self.optimizer.zero_grad(set_to_none=True)
+        # DDP decides in the forward pass whether the backward all-reduces: both run inside the context.
+        with self._gradient_sync(self._micro_index + 1 == accum):
+            with autocast_context(self.precision, self.device):
+                logits = self.train_model(images)
+            loss = logits.float().sum() * 0.0 if empty else self.criterion(logits.float(), targets)
+            # The mean over the step's micro-batches: the gradient of one batch accum times the size.
+            self.scaler.scale(loss / accum).backward()
+        self._window_has_grads = True
         fault_point("step_backward")
+        self._end_micro_batch()
+        return loss.detach()
+
+    def _skip_micro_batch(self) -> None:
+        """A micro-batch of only unreadable images in a single process: nothing to learn from it, but it keeps its
+        place in the step (whose optimizer step is skipped if none of its micro-batches had an image)."""
+        self._end_micro_batch()
+
+    def _end_micro_batch(self) -> None:
+        self._micro_index += 1
+        if self._micro_index < self.cfg.train.accum_steps:
+            return
+        self._micro_index = 0
+        if self._window_has_grads:
+            self._optimizer_step()
+        self._window_has_grads = False
+        self.scheduler.step()  # the schedule counts optimizer steps, skipped ones included
+
+    def _gradient_sync(self, sync: bool):
+        """Several processes average the gradients in the backward pass; within a step's micro-batches only the last
+        backward needs to, over the gradients summed so far."""
+        if sync or self.dist.world_size <= 1:
+            return contextlib.nullcontext()
+        if self.cfg.distributed.strategy == "fsdp":
+            return _fsdp_gradient_sync_off(self.model)
+        return self.train_model.no_sync()
+
+    def _optimizer_step(self) -> None:
         if self.cfg.optimizer.gc_flag:
             centralize_gradients(self.optimizer.param_groups)  # linear, so it commutes with the loss scale
         if self.cfg.optimizer.clip_grad_norm > 0:
@@ -286,8 +382,19 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
-        return loss.detach()
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def _first_compiled_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The first step under train.compile, timed for the original's compile line: torch.compile traces and
+        compiles the forward and backward graphs as this step first runs them, so its wall time is the compile
+        time plus one step."""
+        started = time.perf_counter()
+        loss = self._train_step(images, labels)
+        float(loss)  # waits for the step
+        self._compile_unmeasured = False
+        self.log.info(f"compile time used={time.perf_counter() - started:.2f}s")
+        return loss
 
     def _should_evaluate(self, epoch: int) -> bool:
         interval, offset = self.cfg.eval.interval, self.cfg.eval.offset
@@ -297,9 +404,10 @@ class Trainer:
 
     def _run_epoch(self, profiler=None) -> tuple[float, float]:
         """Train the rest of the current epoch; returns (mean loss, wall seconds)."""
-        progress, batch = self.progress, self.cfg.data.batch_size
+        progress, batch, accum = self.progress, self.cfg.data.batch_size, self.cfg.train.accum_steps
         self.train_loader.set_epoch(progress.epoch)
-        self.train_sampler.skip(progress.step_in_epoch * batch)
+        self.train_sampler.skip(progress.step_in_epoch * batch * accum)
+        self._micro_index, self._window_has_grads = 0, False  # a step never spans epochs
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         failed_sum = 0
@@ -328,15 +436,18 @@ class Trainer:
             window.images += len(labels)
             trained += len(labels)
             if images.shape[0] or self.dist.world_size > 1:
-                loss = self._train_step(images, labels)
-                loss_sum += loss
+                step = self._first_compiled_step if self._compile_unmeasured else self._train_step
+                loss = step(images, labels)
+                loss_sum += loss / accum
                 first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
                                               progress.global_step + 1, first_nonfinite)
             else:
-                self.scheduler.step()  # every image of the batch was unreadable: keep the schedule on its steps
+                self._skip_micro_batch()  # every image of the batch was unreadable: keep the schedule on its steps
+            failed_sum += failed
+            if self._micro_index:
+                continue  # the optimizer step waits for the rest of its micro-batches
             progress.step_in_epoch += 1
             progress.global_step += 1
-            failed_sum += failed
             bar.update(1)
             if profiler is not None:
                 profiler.step()
@@ -397,7 +508,7 @@ class Trainer:
         step_seconds = seconds / max(progress.step_in_epoch - window.first_step, 1)
         left_in_epoch = self.steps_per_epoch - progress.step_in_epoch
         left_in_run = left_in_epoch + (cfg.schedule.max_epoch - progress.epoch - 1) * self.steps_per_epoch
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.scheduler.current_lr  # the scheduled rate, which layer-wise decay scales per param group
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         grad_norm = self._grad_norm()
         record = {"epoch": progress.epoch, "step": progress.step_in_epoch, "steps": self.steps_per_epoch,
@@ -442,7 +553,7 @@ class Trainer:
         # Every rank logs to its own file (RunLog prints rank 0's alone and keeps rank 0's metrics alone), so each
         # rank's file shows its own epoch times.
         self.log.args(to_flat(cfg))
-        self.log.info("compile time used=0.00s")
+        self._compile_unmeasured = cfg.train.compile  # the original's compile line comes after the first step
         self.log.info(f"device {self.device}, precision {self.precision} (train.precision={cfg.train.precision})")
         if self.is_main:
             self.scalar_logs, lines = open_scalar_logs(cfg.logging, self.log.log_dir, config_to_dict(cfg),
@@ -461,7 +572,7 @@ class Trainer:
                 self.log.info(f"profiler trace written to {self._profile_path}")
                 profiler = None
             lr = float(self.lrs[min((epoch + 1) * self.steps_per_epoch, len(self.lrs)) - 1])
-            fps = cfg.data.batch_size * self.dist.world_size * self.steps_per_epoch / epoch_time
+            fps = self._step_samples() * self.steps_per_epoch / epoch_time
             progress.fps_history.append(fps)
             record = {"epoch": epoch, "epoch_time": epoch_time, "step_time": epoch_time / self.steps_per_epoch,
                       "loss": mean_loss, "lr": lr, "fps": fps, "failed_images": progress.epoch_failed}
@@ -473,19 +584,29 @@ class Trainer:
                 eval_cost = time.perf_counter() - eval_started
                 accuracy = result.top1
                 record.update(accuracy=result.top1, top5=result.top5, eval_images=result.total, eval_cost=eval_cost)
+                if self.ema is not None:
+                    ema_started = time.perf_counter()
+                    ema_result = evaluate(self.ema.module, self.val_loader, self.device, self.precision,
+                                          cfg.data.normalization)
+                    record.update(ema_accuracy=ema_result.top1, ema_top5=ema_result.top5,
+                                  ema_eval_cost=time.perf_counter() - ema_started)
                 improved = accuracy > progress.best_acc
                 if improved:
                     progress.best_acc = accuracy
                     progress.best_stem = ckpt.checkpoint_stem(cfg.model.name, epoch + 1, self.steps_per_epoch)
             line = format_epoch_line(epoch, epoch_time, epoch_time / self.steps_per_epoch, mean_loss, lr, fps,
                                      accuracy, eval_cost)
+            if "ema_accuracy" in record:
+                line += f", ema_accuracy={record['ema_accuracy']:.6f}"
             if progress.epoch_failed:
                 line += f", skipped_images={progress.epoch_failed}"
             self.log.info(line)
             self.log.metrics(record)
             if self.scalar_logs is not None:
                 self.scalar_logs.scalars({"epoch/loss": mean_loss, "epoch/img_s": fps, "epoch/lr": lr,
-                                    "eval/top1": accuracy, "eval/top5": record.get("top5")}, progress.global_step)
+                                    "eval/top1": accuracy, "eval/top5": record.get("top5"),
+                                    "eval/ema_top1": record.get("ema_accuracy"), "eval/ema_top5": record.get("ema_top5")},
+                                   progress.global_step)
                 self.scalar_logs.flush()
             progress.step_in_epoch = self.steps_per_epoch
             # The best epoch is saved too, so that pruning can keep it; a stop signal saves the epoch's end as well.
@@ -535,14 +656,21 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Train as the config says. SIGTERM or SIGUSR1 ends it with a checkpoint and `Preempted` (see preemption.py)."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, prepare_training(cfg, ckpt.is_checkpoint_marker))
     trainer.stops.install()
     try:
         result = trainer.fit()
         trainer.dist.wait_for_all()
+        trainer.publish()
         return result
     except Preempted as stop:
         trainer.log.info(str(stop))
+        trainer.publish()
+        raise
+    except VitkitError:
+        # The log that explains the failure reaches the bucket too; if the bucket is what failed, that error stands.
+        with contextlib.suppress(VitkitError):
+            trainer.publish()
         raise
     finally:
         trainer.stops.uninstall()

@@ -1,8 +1,9 @@
 /* The tanh-approximated GELU on float32 arrays, forward and backward, in one pass over memory each.
  *
  * MindSpore's ViT (vitkit's default numerics) uses GELU's tanh form. torch's CPU kernel for it computes a full
- * precision tanh per element and runs 2.3x slower forward and 1.8x slower backward than the erf form timm uses;
- * on ViT-Ti/16 that is 6 % of a CPU training step. The same function, written as
+ * precision tanh per element and runs markedly slower, forward and backward, than the erf form timm uses; on a
+ * small ViT, whose activations are large next to its matrix products, that shows in the step. The same function,
+ * written as
  *
  *     gelu(x) = 0.5 x (1 + tanh(u)) = x * s,   s = sigmoid(2u) = 1 / (1 + e),   e = exp(-2u),
  *     u = sqrt(2/pi) (x + 0.044715 x^3),

@@ -1,7 +1,7 @@
 """GELU's tanh form (MindSpore's, vitkit's default numerics) with vitkit's own CPU kernels where they help.
 
-torch's CPU kernel for the tanh form evaluates a full tanh per element: 2.3x slower forward and 1.8x slower
-backward than the erf form, 6 % of a ViT-Ti/16 CPU training step. vitkit/model/_gelu_tanh.c computes the same
+torch's CPU kernel for the tanh form evaluates a full tanh per element, markedly slower forward and backward
+than the erf form, which shows in a small ViT's CPU training step. vitkit/model/_gelu_tanh.c computes the same
 function as x * sigmoid(2u) with one vectorized exp per element (AVX2). It runs for float32 CPU tensors in eager
 mode on CPUs with AVX2; torch's kernel runs everywhere else: CUDA, other dtypes, other CPUs, and inside
 torch.compile and torch.export, whose compilers fuse the activation themselves and export it as one Gelu node.

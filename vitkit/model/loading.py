@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+from vitkit.deploy.metadata import ModelCard, Preprocessing
 from vitkit.errors import VitkitError
+from vitkit.storage import fetch, is_url
 from vitkit.fileio import atomic_path
+from vitkit.model.formats.magic import HEAD_BYTES, kind_from_head
 from vitkit.model.presets import find_heads
 from vitkit.model.vit import STYLES, ViTArch, VisionTransformer, check_arch_fields, resample_pos_embed
 
@@ -36,24 +39,40 @@ class Weights:
     source: str  # 'vitkit', 'timm', 'mindspore', 'npz', 'torchvision' or 'huggingface'
     arch: dict = dataclasses.field(default_factory=dict)  # architecture fields the file stores
     class_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None  # the eval preprocessing the weights were evaluated with
     extras: dict = dataclasses.field(default_factory=dict)  # e.g. a MindSpore training checkpoint's Adam moments
+
+    def card(self, arch: ViTArch, new_head: bool = False) -> ModelCard:
+        """What the weights say about themselves, for a model of `arch` built from them: no class names once its
+        head was replaced, and the preprocessing at the model's image size (a resize derived from it when the
+        size changed)."""
+        preprocessing = self.preprocessing
+        if preprocessing is not None and preprocessing.image_size != arch.image_size:
+            preprocessing = dataclasses.replace(preprocessing, image_size=arch.image_size, resize_size=0)
+        names = None if new_head or self.class_names is None else tuple(self.class_names)
+        return ModelCard(preprocessing, names, arch.patch_size)
 
 
 def sniff_format(path: Path) -> str:
     """'safetensors', 'torch', 'mindspore' or 'npz' from the file's first bytes, never from its name alone."""
     with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        head = handle.read(HEAD_BYTES)
+    kind = kind_from_head(head)
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        # ValueError: an entry name that is not UTF-8; NotImplementedError: a later zip version than Python reads
+        except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:
+            raise VitkitError(f"'{path}' is a damaged zip archive ({str(exc)[:200]}): copy or save it again") from None
         if any(name.endswith("data.pkl") for name in names):
             return "torch"
         if names and all(name.endswith(".npy") for name in names):
             return "npz"
         raise VitkitError(f"'{path}' is a zip archive but neither a PyTorch checkpoint nor an .npz of arrays")
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+    if kind == "safetensors":
         return "safetensors"
-    if head[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
+    if kind == "pickle":
         return "torch"  # PyTorch's legacy (non-zip) serialisation
     from vitkit.model.formats.mindspore import is_mindspore_checkpoint
 
@@ -66,7 +85,9 @@ def sniff_format(path: Path) -> str:
 
 
 def read_weights(path: str | Path) -> Weights:
-    """The weights in any supported file, renamed to vitkit's (timm's) parameter names."""
+    """The weights in any supported file (or URL: read from its local copy), renamed to vitkit's (timm's) names."""
+    if is_url(path):
+        path = fetch(path)
     path = Path(path)
     if not path.exists():
         raise VitkitError(f"checkpoint '{path}' does not exist: check the path")
@@ -148,13 +169,21 @@ def _read_safetensors(path: Path) -> Weights:
     state, metadata = _safetensors_tensors(path)
     arch = _metadata_json(path, metadata, "vitkit.arch", dict)
     check_arch_fields(arch, f"'{path}' metadata 'vitkit.arch'")
-    names = _metadata_json(path, metadata, "vitkit.class_names", list) or None
-    if names is not None and not all(isinstance(name, str) for name in names):
-        raise VitkitError(f"'{path}' metadata 'vitkit.class_names' is not a list of names: the file is damaged or not vitkit's")
+    names = _checked_names(_metadata_json(path, metadata, "vitkit.class_names", list) or None,
+                           f"'{path}' metadata 'vitkit.class_names'")
+    preprocessing = Preprocessing.from_metadata(
+        _metadata_json(path, metadata, "vitkit.preprocessing", dict) or None, f"'{path}' metadata 'vitkit.preprocessing'"
+    )
     state = _strip_prefixes(state)
     if not arch and (foreign := _foreign_weights(state, path)):
         return foreign
-    return Weights(state, "vitkit" if arch else "timm", arch, names)
+    return Weights(state, "vitkit" if arch else "timm", arch, names, preprocessing)
+
+
+def _checked_names(names, where: str) -> list[str] | None:
+    if names is not None and not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        raise VitkitError(f"{where} is not a list of names: the file is damaged or not vitkit's")
+    return names
 
 
 def _metadata_json(path: Path, metadata: dict, key: str, kind: type):
@@ -181,8 +210,9 @@ def _torch_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"'{path}' needs arbitrary code to unpickle, which vitkit never runs ({first_line[:120]}): "
             "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise VitkitError(f"cannot read PyTorch checkpoint '{path}' ({str(exc).splitlines()[0]}): the file may be truncated") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle fails the weights-only unpickler with any type
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise VitkitError(f"cannot read PyTorch checkpoint '{path}' ({reason}): the file may be truncated or damaged") from None
     if not isinstance(loaded, dict):
         raise VitkitError(f"'{path}' holds a {type(loaded).__name__}, not a state_dict: save model.state_dict() instead")
     if loaded.get("format") == "vitkit-train" and "shards" in loaded:
@@ -206,7 +236,9 @@ def _read_torch(path: Path) -> Weights:
     state = _strip_prefixes(tensors)
     if not arch and (foreign := _foreign_weights(state, path)):
         return foreign
-    return Weights(state, "vitkit" if arch else "timm", dict(arch), loaded.get("class_names"))
+    names = _checked_names(loaded.get("class_names"), f"'{path}' entry 'class_names'")
+    preprocessing = Preprocessing.from_metadata(loaded.get("preprocessing"), f"'{path}' entry 'preprocessing'")
+    return Weights(state, "vitkit" if arch else "timm", dict(arch), names, preprocessing)
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -258,7 +290,13 @@ def infer_arch(weights: Weights, **overrides) -> ViTArch:
         fields["image_size"] = grid * fields["patch_size"]
     else:
         fields["pos_embed"] = "sincos"
-    fields.update(source_numerics(weights))
+    numerics = source_numerics(weights)
+    # The style whose numerics the weights have, so that what the file does not state (its dropout rates) follows it.
+    fields["style"] = next(
+        (style for style, values in STYLES.items() if all(values[key] == numerics[key] for key in _NUMERIC_KEYS)),
+        _style_of(weights.source),
+    )
+    fields.update(numerics)
     fields.update({key: value for key, value in weights.arch.items() if key in _ARCH_FIELDS})
     if "num_heads" not in weights.arch and "num_heads" not in overrides:
         fields["num_heads"] = _guess_heads(fields["embed_dim"], fields["depth"])
@@ -283,10 +321,12 @@ def _style_of(source: str) -> str:
 def _guess_heads(width: int, depth: int) -> int:
     heads = find_heads(width, depth)
     if heads is None:
-        heads = max(1, width // 64)
+        # The most heads at least 64 wide (ViT's usual head width) that divide the width: 96 wide gives 1 of 96.
+        heads = max(count for count in range(1, max(1, width // 64) + 1) if width % count == 0)
         warnings.warn(
-            f"the checkpoint does not say how many attention heads it has; assuming {heads} (64 per head). "
-            "Pass num_heads=... if that is wrong: the logits depend on it.",
+            f"the checkpoint does not say how many attention heads it has; assuming {heads} ({width // heads} per "
+            "head). Pass num_heads=... (on the command line: the run's config, --config_path, or --model.num_heads) "
+            "if that is wrong: the logits depend on it.",
             stacklevel=3,
         )
     return heads
@@ -328,7 +368,8 @@ def _check_fit(own: dict[str, torch.Size], state: dict[str, torch.Tensor], stric
         )
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", components=None, **overrides) -> VisionTransformer:
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", components=None, with_card: bool = False,
+               **overrides):
     """The ViT in any checkpoint vitkit reads, ready for eval.
 
     The architecture comes from the tensors' shapes; what shapes cannot tell (the head count, numerics) from the
@@ -337,20 +378,21 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", componen
 
     For fine-tuning, num_classes other than the file's gives a freshly initialised head (and no class names), and
     representation_size=0 drops a pre-logits layer, as the ViT paper did when it fine-tuned.
+
+    with_card=True returns (model, ModelCard): the class names and eval preprocessing saved with the weights.
     """
-    return model_from_weights(read_weights(path), components=components, **overrides).to(device).eval()
+    model, card = model_from_weights(read_weights(path), components=components, with_card=True, **overrides)
+    model = model.to(device).eval()
+    return (model, card) if with_card else model
 
 
-def model_from_weights(weights: Weights, *, components=None, **overrides) -> VisionTransformer:
+def model_from_weights(weights: Weights, *, components=None, with_card: bool = False, **overrides):
     """load_model's work on weights already read (see there); the model stays on the CPU in training mode."""
     arch = infer_arch(weights, **overrides)
-    state = dict(weights.state_dict)
-    drop_pre_logits = not arch.representation_size and "pre_logits.fc.weight" in state and "representation_size" in overrides
-    file_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-    # Without its pre-logits layer the file's head no longer fits: it is replaced too.
-    new_head = drop_pre_logits or ("num_classes" in overrides and file_classes != arch.num_classes)
-    dropped = ("pre_logits.",) * drop_pre_logits + ("head.",) * new_head
-    state = {name: tensor for name, tensor in state.items() if not name.startswith(dropped)}
+    state, dropped = dict(weights.state_dict), []
+    if "num_classes" in overrides or "representation_size" in overrides:
+        state, dropped = drop_unfitting_head(state, _shapes_of(arch, components))
+    new_head = any(name.startswith("head.") for name in dropped)
     # Built headless so that the strict load still checks every other tensor; the fresh head comes afterwards.
     build = arch.replace(num_classes=0) if new_head else arch
     # The tensors are checked against the architecture on a model without storage first: a file whose metadata
@@ -361,8 +403,49 @@ def model_from_weights(weights: Weights, *, components=None, **overrides) -> Vis
     load_state(model, state)
     if new_head:
         model.reset_classifier(arch.num_classes)
-    model.class_names = None if new_head else weights.class_names
-    return model
+    return (model, weights.card(model.arch, new_head)) if with_card else model
+
+
+def drop_unfitting_head(state: dict[str, torch.Tensor], own: dict[str, torch.Size]) -> tuple[dict, list[str]]:
+    """The one rule for starting a model from weights trained for another task: pre-logits tensors the model
+    lacks (the ViT paper fine-tuned without them), and head tensors it lacks or that have another shape (another
+    class count, or a head that read the dropped pre-logits), are left out; the model keeps its own, freshly
+    initialised. Returns the state without them and their names."""
+    dropped = [
+        name for name in state
+        if (name.startswith("pre_logits.") and name not in own)
+        or (name.startswith("head.") and (name not in own or state[name].shape != own[name]))
+    ]
+    return {name: tensor for name, tensor in state.items() if name not in dropped}, dropped
+
+
+def model_for_config(weights: Weights, model_cfg, *, with_card: bool = False, **overrides):
+    """model_from_weights for `vitkit eval`, `export`, `predict` and `convert`: the checkpoint's model with the
+    config's model.components (the parts the run was trained with, whose tensors the stock ViT lacks) and, unless
+    `overrides` names it, the config's head count (config_heads). `model_cfg` None is vitkit's defaults."""
+    if model_cfg is not None and "num_heads" not in overrides and (heads := config_heads(weights, model_cfg)):
+        overrides["num_heads"] = heads
+    components = (model_cfg.components or None) if model_cfg is not None else None
+    return model_from_weights(weights, components=components, with_card=with_card, **overrides)
+
+
+def config_heads(weights: Weights, model_cfg) -> int | None:
+    """The head count a config gives the checkpoint: model.num_heads when set; else, for a file that does not say
+    (a MindSpore .ckpt, a bare state_dict), the config's preset's when the config's width and depth are the file's.
+    The original's YAML names only its backbone, which holds the heads its checkpoints were trained with."""
+    if model_cfg.num_heads:
+        return model_cfg.num_heads
+    if "num_heads" in weights.arch:
+        return None
+    from vitkit.model.presets import resolve_preset
+
+    preset = resolve_preset(model_cfg.name)
+    width, depth = model_cfg.embed_dim or preset["embed_dim"], model_cfg.depth or preset["depth"]
+    try:
+        shape = infer_arch(weights, num_heads=1)  # one head fits any width: the shape alone, without the guess
+    except VitkitError:
+        return None  # not a ViT: model_from_weights says why
+    return preset["num_heads"] if (shape.embed_dim, shape.depth) == (width, depth) else None
 
 
 def _shapes_of(arch: ViTArch, components=None) -> dict[str, torch.Size]:
@@ -393,27 +476,36 @@ def _write_mindspore(arch: ViTArch, state: dict[str, torch.Tensor], path: Path) 
 
 
 def save_model(model: VisionTransformer, path: str | Path, class_names: list[str] | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the weights atomically: .safetensors (with the architecture as metadata), .pth/.pt, or MindSpore .ckpt.
-    `state_dict` stands in for the model's own when that is sharded (FSDP): the gathered full weights."""
+               state_dict: dict[str, torch.Tensor] | None = None, preprocessing: Preprocessing | None = None,
+               card: ModelCard | None = None) -> Path:
+    """Write the weights atomically: .safetensors (with the architecture, class names and eval preprocessing as
+    metadata), .pth/.pt, or MindSpore .ckpt (tensors only). `card` (what load_model(with_card=True) returned)
+    supplies class names and preprocessing that are not passed; `state_dict` stands in for the model's own when
+    that is sharded (FSDP): the gathered full weights."""
     path = Path(path)
     source = model.state_dict() if state_dict is None else state_dict
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in source.items()}
     arch = dataclasses.asdict(model.arch)
-    names = class_names if class_names is not None else getattr(model, "class_names", None)
+    if card is not None:
+        class_names = class_names if class_names is not None else card.class_names
+        preprocessing = preprocessing or card.preprocessing
+    names = list(class_names) if class_names is not None else None
+    preprocessing_fields = dataclasses.asdict(preprocessing) if preprocessing is not None else None
     suffix = path.suffix.lower()
     if suffix == ".ckpt":
         _write_mindspore(model.arch, state, path)
         return path
     with atomic_path(path) as tmp:
         if suffix in (".pth", ".pt"):
-            torch.save({"arch": arch, "class_names": names, "model": state}, tmp)
+            torch.save({"arch": arch, "class_names": names, "preprocessing": preprocessing_fields, "model": state}, tmp)
         elif suffix == ".safetensors":
             from safetensors.torch import save_file
 
             metadata = {"format": "pt", "vitkit.arch": json.dumps(arch)}
             if names is not None:
-                metadata["vitkit.class_names"] = json.dumps(list(names))
+                metadata["vitkit.class_names"] = json.dumps(names)
+            if preprocessing_fields is not None:
+                metadata["vitkit.preprocessing"] = json.dumps(preprocessing_fields)
             save_file(state, str(tmp), metadata=metadata)
         else:
             raise VitkitError(f"cannot write '{path}': use a .safetensors, .pth or .ckpt file name")

@@ -9,63 +9,217 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from vitkit.errors import VitkitError
 from vitkit.model.gelu import TanhGELU
 from vitkit.model.presets import resolve_preset
 
-_CHOICES = {
-    "pool": ("token", "mean"),
-    "pos_embed": ("learn", "sincos"),
-    "gelu": ("erf", "tanh"),
-    "init": ("timm", "mindspore"),
+# The numerics and regularisation of each source framework. `style` picks one set; a field set explicitly wins.
+STYLES = {
+    # The MindSpore model zoo: LayerNorm eps 1e-7, tanh GELU, Xavier init, dropout 0.1 everywhere, DropPath to 0.1.
+    "mindspore": dict(
+        ln_eps=1e-7, gelu="tanh", init="mindspore",
+        drop_rate=0.1, proj_drop_rate=0.1, mlp_drop_rate=0.1, attn_drop_rate=0.0, drop_path_rate=0.1,
+    ),
+    "timm": dict(
+        ln_eps=1e-6, gelu="erf", init="timm",
+        drop_rate=0.0, proj_drop_rate=0.0, mlp_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+    ),
 }
+# The one default for every entry point (create_model, make_arch, ViTArch and `vitkit train`): the original's numerics.
+DEFAULT_STYLE = "mindspore"
 
-
-# The largest value of each size field that vitkit reads from a file (its metadata or its block names), well past
-# every preset (ViT-H: width 1280, depth 32) yet far below what would exhaust memory before a shape check could fail.
-ARCH_LIMITS = {
-    "patch_size": 1024, "embed_dim": 16384, "depth": 1024, "num_heads": 1024, "mlp_dim": 65536, "image_size": 16384,
-    "num_classes": 1_000_000, "in_chans": 64, "representation_size": 16384,
-}
-MAX_DEPTH = ARCH_LIMITS["depth"]
+# The largest value of each size field: far past every preset (ViT-H: width 1280, depth 32) yet far below what would
+# exhaust memory before a shape check could fail. The config's options and the checks of a file's metadata both read
+# these from the fields' metadata (`le=`).
+MAX_PATCH = 1024
+MAX_WIDTH = 16384  # ViT-22B is 6144 wide
+MAX_DEPTH = 1024  # ViT-22B is 48 deep
+MAX_HEADS = 1024
+MAX_IMAGE_SIDE = 16384  # pixels; a 16384 x 16384 uint8 RGB image is 805 MB
+MAX_CLASSES = 1_000_000
 # Position-table elements (tokens x width) a file may imply: its sin-cos table is computed, not stored, so no shape
 # check bounds it. ViT-H/14 at 518 pixels needs 1.8M; this is 268M (1 GiB of float32).
 MAX_POSITION_ELEMENTS = 1 << 28
-_INT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "image_size", "num_classes", "in_chans",
-               "representation_size")
-_BOOL_FIELDS = ("class_token", "fc_norm", "qkv_bias")
-_RATE_FIELDS = ("drop_rate", "proj_drop_rate", "mlp_drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def _arch_field(default, help, *, choices=(), ge=None, gt=None, le=None, lt=None, config=None, preset=False):
+    """A ViTArch field with its rule (choices or range) and help, written once for the model, file checks and config.
+
+    `config` exposes the field as a `model.*` config option: a dict of what differs there (default, flat key, help
+    or bounds), {} for nothing; None keeps it out of the config. A field whose default is None takes its value from
+    the style (STYLES), and the config option's default is the default style's value. `preset` marks a size the
+    preset table sets, which a config value of 0 leaves to the preset.
+    """
+    metadata = dict(help=help, choices=tuple(choices), ge=ge, gt=gt, le=le, lt=lt, config=config, preset=preset)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _preset_field(default, help, *, le, flat=None):
+    """A size field that presets set: a config value of 0 means the preset's."""
+    config = dict(default=0, help=f"{help}; 0 = the preset's", ge=0)
+    if flat:
+        config["flat"] = flat
+    return _arch_field(default, help, ge=1, le=le, config=config, preset=True)
+
+
+_RATE = dict(ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """Everything that decides a ViT's shape and numerics: each field's default, choices and range live here.
+
+    Fields left as None (numerics and regularisation) take the `style`'s value from STYLES."""
+
+    patch_size: int = _preset_field(16, "patch side in pixels", le=MAX_PATCH)
+    embed_dim: int = _preset_field(768, "token width", le=MAX_WIDTH)
+    depth: int = _preset_field(12, "transformer blocks", le=MAX_DEPTH)
+    num_heads: int = _preset_field(12, "attention heads, dividing embed_dim", le=MAX_HEADS)
+    mlp_dim: int = _preset_field(3072, "MLP hidden width", le=4 * MAX_WIDTH)
+    image_size: int = _arch_field(
+        224, "training input side in pixels, a multiple of the patch size", ge=1, le=MAX_IMAGE_SIDE,
+        config=dict(flat="train_image_size", ge=None, gt=0),
+    )
+    num_classes: int = _arch_field(
+        1000, "classifier outputs; 0 = no head", ge=0, le=MAX_CLASSES,
+        config=dict(default=1001, flat="class_num", ge=1, help="classifier outputs; the original's 1001 is ImageNet's "
+                    "1000 plus one never-used logit"),
+    )
+    in_chans: int = _arch_field(3, "input channels", ge=1, le=64)
+    class_token: bool = True
+    pool: str = _arch_field(
+        "token", "what the head sees: the class token or the mean of the tokens", choices=("token", "mean"), config={}
+    )
+    pos_embed: str = _arch_field(
+        "learn", "position embedding: learned or fixed 2-D sin-cos", choices=("learn", "sincos"), config={}
+    )
+    fc_norm: bool = False  # LayerNorm after pooling (timm's mean-pool models) instead of before it
+    qkv_bias: bool = True
+    representation_size: int = _arch_field(
+        0, "a tanh pre-logits layer of this width (the ViT paper's checkpoints); 0 = none", ge=0, le=MAX_WIDTH
+    )
+    style: str = _arch_field(
+        DEFAULT_STYLE, "the source whose numerics and regularisation the fields left unset take: the original's "
+        "(tanh GELU, LayerNorm eps 1e-7, Xavier init, dropout 0.1) or timm's (erf GELU, eps 1e-6, trunc-normal init, "
+        "no dropout)", choices=tuple(STYLES), config={},
+    )
+    init: str = _arch_field(
+        None, "weight init: the original's (N(0,1) cls/pos, Xavier-uniform, zero bias) or timm's",
+        choices=("mindspore", "timm"), config={},
+    )
+    ln_eps: float = _arch_field(None, "LayerNorm epsilon (MindSpore's 1e-7; timm uses 1e-6)", gt=0, le=1,
+                                config=dict(le=None))
+    gelu: str = _arch_field(
+        None, "GELU form: the tanh approximation (the original) or exact erf (timm)", choices=("tanh", "erf"), config={}
+    )
+    drop_rate: float = _arch_field(None, "dropout on the embedded tokens", **_RATE, config={})
+    proj_drop_rate: float = _arch_field(None, "dropout after the attention output projection", **_RATE, config={})
+    mlp_drop_rate: float = _arch_field(
+        None, "dropout after the MLP activation and after its second layer", **_RATE, config={}
+    )
+    attn_drop_rate: float = _arch_field(
+        None, "dropout on the attention probabilities (the original has none)", **_RATE, config={}
+    )
+    drop_path_rate: float = _arch_field(
+        None, "stochastic depth of the last block, rising linearly from 0 at the first", **_RATE, config={}
+    )
+    # Inputs of any side that is a multiple of the patch, the position embedding resampled to their grid in forward
+    # (bicubic, as timm's dynamic_img_size); export.dynamic_image_size traces this path.
+    dynamic_img_size: bool = False
+
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise VitkitError(f"unknown style '{self.style}': choose one of {', '.join(STYLES)}")
+        for name, value in STYLES[self.style].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for item in dataclasses.fields(self):
+            problem = _field_problem(item, getattr(self, item.name))
+            if problem:
+                raise VitkitError(f"model {item.name} {getattr(self, item.name)!r} is {problem}")
+        if self.image_size % self.patch_size:
+            raise VitkitError(
+                f"image size {self.image_size} is not divisible by patch size {self.patch_size}: "
+                f"use a multiple of {self.patch_size}, e.g. {self.patch_size * max(1, self.image_size // self.patch_size)}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise VitkitError(f"width {self.embed_dim} is not divisible by {self.num_heads} heads: pick a head count that divides it")
+        if self.pool == "token" and not self.class_token:
+            raise VitkitError("pool 'token' needs a class token: set pool to 'mean' or class_token to true")
+        if self.dynamic_img_size and self.pos_embed != "learn":
+            raise VitkitError(
+                f"dynamic_img_size resamples learned position embeddings, but this model's are {self.pos_embed}: "
+                "keep the image size fixed"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.class_token else 0
+
+    def replace(self, **changes) -> "ViTArch":
+        return dataclasses.replace(self, **changes)
+
+
+ARCH_FIELDS = {item.name: item for item in dataclasses.fields(ViTArch)}
+# Each field's value when nothing sets it: the declared default, or the default style's.
+ARCH_DEFAULTS = {
+    name: STYLES[DEFAULT_STYLE][name] if item.default is None else item.default for name, item in ARCH_FIELDS.items()
+}
+
+
+def range_text(ge=None, gt=None, le=None, lt=None) -> str:
+    """A range in words ('>= 1', 'in [0, 1)'), '' when any value goes."""
+    lower = (">=", ge) if ge is not None else (">", gt) if gt is not None else None
+    upper = ("<=", le) if le is not None else ("<", lt) if lt is not None else None
+    if lower and upper:
+        opening = "[" if lower[0] == ">=" else "("
+        closing = "]" if upper[0] == "<=" else ")"
+        return f"in {opening}{lower[1]}, {upper[1]}{closing}"
+    bound = lower or upper
+    return f"{bound[0]} {bound[1]}" if bound else ""
+
+
+def _field_problem(item: dataclasses.Field, value) -> str:
+    """Which of the field's declared type, choices or range `value` breaks ('not one of token, mean'); '' if none."""
+    metadata = item.metadata
+    if metadata.get("choices"):
+        ok = isinstance(value, str) and value in metadata["choices"]
+        return "" if ok else f"not one of {', '.join(metadata['choices'])}"
+    kind = type(ARCH_DEFAULTS[item.name])
+    if kind is bool:
+        return "" if type(value) is bool else "not true or false"
+    if kind is int and type(value) is not int:
+        return "not an integer"
+    if kind is float and type(value) not in (int, float):
+        return "not a number"
+    bounds = {key: metadata.get(key) for key in ("ge", "gt", "le", "lt")}
+    in_range = (
+        (bounds["ge"] is None or value >= bounds["ge"]) and (bounds["gt"] is None or value > bounds["gt"])
+        and (bounds["le"] is None or value <= bounds["le"]) and (bounds["lt"] is None or value < bounds["lt"])
+    )
+    return "" if in_range else f"not {range_text(**bounds)}"
 
 
 def check_arch_fields(fields, where: str) -> dict:
-    """The ViTArch fields a file states (its metadata or config), each of ViTArch's type and within ARCH_LIMITS.
+    """The ViTArch fields a file states (its metadata or config), each of ViTArch's type, choices and range.
 
     Checked before anything is built from them, so that no file can make vitkit allocate a model its tensors do not
     hold; `where` names the metadata in the VitkitError. Fields ViTArch does not have are left for the caller to drop.
     """
     if not isinstance(fields, dict):
         raise VitkitError(f"{where} is not a JSON object of architecture fields: the file is damaged or not vitkit's")
-
-    def bad(name: str, why: str) -> VitkitError:
-        return VitkitError(f"{where} has {name} {fields[name]!r}, {why}: the file is damaged or not vitkit's")
-
     for name, value in fields.items():
-        if name in _INT_FIELDS:
-            low = 0 if name in ("num_classes", "representation_size") else 1
-            if type(value) is not int:
-                raise bad(name, "not an integer")
-            if not low <= value <= ARCH_LIMITS[name]:
-                raise bad(name, f"outside {low}..{ARCH_LIMITS[name]}")
-        elif name in _BOOL_FIELDS and type(value) is not bool:
-            raise bad(name, "not true or false")
-        elif name in _CHOICES and (not isinstance(value, str) or value not in _CHOICES[name]):
-            raise bad(name, f"not one of {', '.join(_CHOICES[name])}")
-        elif name == "ln_eps" and not (type(value) in (int, float) and 0 < value <= 1):
-            raise bad(name, "not a number in (0, 1]")
-        elif name in _RATE_FIELDS and not (type(value) in (int, float) and 0 <= value < 1):
-            raise bad(name, "not a rate in [0, 1)")
+        if name in ARCH_FIELDS and value is not None:
+            problem = _field_problem(ARCH_FIELDS[name], value)
+            if problem:
+                raise VitkitError(f"{where} has {name} {value!r}, {problem}: the file is damaged or not vitkit's")
     patch, image, width, heads = (fields.get(name) for name in ("patch_size", "image_size", "embed_dim", "num_heads"))
     if patch and image and (patch > image or image % patch):
         raise VitkitError(f"{where} has image_size {image} and patch_size {patch}, which does not divide it: "
@@ -80,88 +234,25 @@ def check_arch_fields(fields, where: str) -> dict:
     return fields
 
 
-@dataclass(frozen=True)
-class ViTArch:
-    """Everything that decides a ViT's shape and numerics. Defaults are timm's; the original's are in STYLES."""
-
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    image_size: int = 224
-    num_classes: int = 1000
-    in_chans: int = 3
-    class_token: bool = True
-    pool: str = "token"
-    pos_embed: str = "learn"
-    fc_norm: bool = False  # LayerNorm after pooling (timm's mean-pool models) instead of before it
-    qkv_bias: bool = True
-    ln_eps: float = 1e-6
-    gelu: str = "erf"
-    representation_size: int = 0  # a tanh pre-logits layer of this width (the ViT paper's checkpoints); 0 = none
-    drop_rate: float = 0.0  # after adding the position embedding
-    proj_drop_rate: float = 0.0  # after the attention output projection
-    mlp_drop_rate: float = 0.0  # after the MLP activation and after its second layer
-    attn_drop_rate: float = 0.0  # on the attention probabilities; the original has none
-    drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 at the first block to this at the last
-    init: str = "timm"
-
-    def __post_init__(self):
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise VitkitError(f"model {name} '{getattr(self, name)}' is not one of {', '.join(choices)}")
-        for name in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "image_size", "in_chans"):
-            if getattr(self, name) < 1:
-                raise VitkitError(f"model {name} must be at least 1, got {getattr(self, name)}")
-        if self.image_size % self.patch_size:
-            raise VitkitError(
-                f"image size {self.image_size} is not divisible by patch size {self.patch_size}: "
-                f"use a multiple of {self.patch_size}, e.g. {self.patch_size * max(1, self.image_size // self.patch_size)}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise VitkitError(f"width {self.embed_dim} is not divisible by {self.num_heads} heads: pick a head count that divides it")
-        if self.pool == "token" and not self.class_token:
-            raise VitkitError("pool 'token' needs a class token: set pool to 'mean' or class_token to true")
-        for name in ("drop_rate", "proj_drop_rate", "mlp_drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise VitkitError(f"model {name} must be in [0, 1), got {getattr(self, name)}")
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1 if self.class_token else 0
-
-    def replace(self, **changes) -> "ViTArch":
-        return dataclasses.replace(self, **changes)
-
-
-# The numerics and regularisation of each source framework, applied together by `style=`.
-STYLES = {
-    "timm": dict(ln_eps=1e-6, gelu="erf", init="timm"),
-    # The MindSpore model zoo: LayerNorm eps 1e-7, tanh GELU, Xavier init, dropout 0.1 everywhere, DropPath to 0.1.
-    "mindspore": dict(
-        ln_eps=1e-7, gelu="tanh", init="mindspore",
-        drop_rate=0.1, proj_drop_rate=0.1, mlp_drop_rate=0.1, drop_path_rate=0.1,
-    ),
-}
+def arch_from_options(name: str, options: dict, **changes) -> ViTArch:
+    """The architecture a config's model group describes: its ViTArch options passed straight through, except a
+    preset size of 0 (the preset's), with a class token exactly when the head reads it (the original's rule)."""
+    fields = {key: value for key, value in options.items() if not (ARCH_FIELDS[key].metadata.get("preset") and not value)}
+    if "pool" in fields:
+        fields.setdefault("class_token", fields["pool"] == "token")
+    fields.update(changes)
+    return make_arch(name, **fields)
 
 
 def make_arch(name: str | None = None, style: str | None = None, **overrides) -> ViTArch:
-    """A preset's architecture, with a source style's numerics and any field overridden."""
+    """A preset's architecture in a source style's numerics (default DEFAULT_STYLE), with any field overridden."""
     fields = resolve_preset(name) if name else {}
     if style is not None:
-        if style not in STYLES:
-            raise VitkitError(f"unknown style '{style}': choose one of {', '.join(STYLES)}")
-        fields.update(STYLES[style])
-    known = {f.name for f in dataclasses.fields(ViTArch)}
+        fields["style"] = style
     for key in overrides:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f": did you mean '{close[0]}'?" if close else f": valid ones are {', '.join(sorted(known))}"
+        if key not in ARCH_FIELDS:
+            close = difflib.get_close_matches(key, sorted(ARCH_FIELDS), n=1)
+            hint = f": did you mean '{close[0]}'?" if close else f": valid ones are {', '.join(sorted(ARCH_FIELDS))}"
             raise VitkitError(f"unknown model argument '{key}'{hint}")
     fields.update(overrides)
     return ViTArch(**fields)
@@ -273,6 +364,15 @@ class ViTComponents:
     attention = Attention
     mlp = Mlp
     block = Block
+    # Whether the last block may compute the class token alone (Block's and Attention's `keep_tokens`/`queries`
+    # arguments) when class-token pooling reads nothing else. None: only when `block` and `attention` are vitkit's
+    # own; a subclass whose swapped-in block and attention take those arguments sets True.
+    class_token_only_last_block: bool | None = None
+
+    def last_block_class_token_only(self) -> bool:
+        if self.class_token_only_last_block is not None:
+            return bool(self.class_token_only_last_block)
+        return self.block is Block and self.attention is Attention
 
     def norm(self, arch: ViTArch, width: int) -> nn.Module:
         return nn.LayerNorm(width, eps=arch.ln_eps)
@@ -354,6 +454,11 @@ class VisionTransformer(nn.Module):
             self.pre_logits = nn.Identity()
             head_in = width
         self.head = nn.Linear(head_in, arch.num_classes) if arch.num_classes > 0 else nn.Identity()
+        # The block the components declared able to compute the class token alone; a block swapped in later is
+        # not that object, so it runs whole. Held in a tuple so that it is not registered as a second submodule.
+        shortcut = arch.pool == "token" and len(self.blocks) > 0 and parts.last_block_class_token_only()
+        self._class_token_only_block = (self.blocks[-1],) if shortcut else ()
+        self.grad_checkpointing = False  # model.grad_checkpointing: recompute each block in the backward pass
         init_weights(self, arch.init)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -363,26 +468,38 @@ class VisionTransformer(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens with the class token and position embedding added, before the first block."""
         height, width = images.shape[-2:]
-        if (height, width) != (self.arch.image_size, self.arch.image_size):
+        arch = self.arch
+        if arch.dynamic_img_size:
+            if height % arch.patch_size or width % arch.patch_size:
+                raise VitkitError(
+                    f"input is {height}x{width}, not whole {arch.patch_size}-pixel patches: resize or crop it to a "
+                    f"multiple of {arch.patch_size}"
+                )
+        elif (height, width) != (arch.image_size, arch.image_size):
             raise VitkitError(
-                f"input is {height}x{width} but the model takes {self.arch.image_size}x{self.arch.image_size}: "
-                "resize the input or rebuild the model with image_size set (position embeddings are resampled)"
+                f"input is {height}x{width} but the model takes {arch.image_size}x{arch.image_size}: "
+                "resize the input or rebuild the model with image_size set (position embeddings are resampled), "
+                "or with dynamic_img_size=True"
             )
         x = self.patch_embed(images)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return self.pos_drop(x + self.pos_embed.to(x.dtype))
+        return self.pos_drop(x + self._pos_embed(height // arch.patch_size, width // arch.patch_size).to(x.dtype))
+
+    def _pos_embed(self, rows, cols) -> torch.Tensor:
+        """The position embedding for a rows x cols grid of patches.
+
+        With dynamic_img_size it is always resampled (bicubic, no antialiasing, as timm's dynamic_img_size), even at
+        the trained grid where that is exact: a traced export then holds one graph for every size."""
+        if not self.arch.dynamic_img_size:
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, (rows, cols), self.arch.num_prefix_tokens, antialias=False,
+                                  always=True)
 
     def _last_block_class_token_only(self) -> bool:
-        """Whether the last block may compute the class token alone: class-token pooling reads nothing else, and the
-        stock block and attention take the arguments. Swapped-in ones with their own forward (at build time or
-        later) may not, so they run whole. FSDP2's sharded blocks keep the stock forward."""
-        last = self.blocks[-1] if len(self.blocks) else None
-        return (
-            self.arch.pool == "token"
-            and isinstance(last, Block) and type(last).forward is Block.forward
-            and isinstance(last.attn, Attention) and type(last.attn).forward is Attention.forward
-        )
+        """Whether the last block computes the class token alone: declared by the components at build time
+        (ViTComponents.class_token_only_last_block), for the block built then."""
+        return any(block is self.blocks[-1] for block in self._class_token_only_block)
 
     def pooled_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The blocks and final norm over embedded tokens, keeping what forward_head reads.
@@ -390,6 +507,14 @@ class VisionTransformer(nn.Module):
         With class-token pooling the last block's query, projection and MLP run for the class token alone: the same
         logits for roughly 1/depth less work (6-7 % of a 12-block ViT's matrix products, training and inference).
         """
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # Each block's activations are recomputed in the backward pass (with the RNG state of the forward, so
+            # dropout draws the same masks) instead of kept: memory for about one more forward pass.
+            last = {"keep_tokens": 1} if self._last_block_class_token_only() else {}
+            for index, block in enumerate(self.blocks):
+                kwargs = last if index == len(self.blocks) - 1 else {}
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False, **kwargs)
+            return self.norm(tokens)
         if not self._last_block_class_token_only():
             return self.norm(self.blocks(tokens))
         for block in self.blocks[:-1]:
@@ -456,21 +581,30 @@ def init_weights(model: VisionTransformer, scheme: str) -> None:
             nn.init.trunc_normal_(model.pos_embed, std=0.02)
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Bicubic resampling of a learned (1, prefix + g*g, d) position embedding to a new square grid."""
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid, num_prefix_tokens: int, *, antialias: bool | None = None,
+                       always: bool = False) -> torch.Tensor:
+    """Bicubic resampling of a learned (1, prefix + g*g, d) position embedding to a new grid: a side, or (rows, cols).
+
+    `antialias` defaults to on when shrinking (what loading at a smaller image size wants); `always` resamples even
+    to the same grid (an exact copy), so that a traced graph does not depend on the input size."""
+    rows, cols = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
     prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old_grid = math.isqrt(grid_tokens.shape[1])
     if old_grid * old_grid != grid_tokens.shape[1]:
         raise VitkitError(f"position embedding has {grid_tokens.shape[1]} patch tokens, not a square grid: cannot resample it")
-    if old_grid == new_grid:
+    if not always and (rows, cols) == (old_grid, old_grid):
         return pos_embed
+    if antialias is None:
+        antialias = rows < old_grid or cols < old_grid
     width = grid_tokens.shape[-1]
-    grid = grid_tokens.reshape(1, old_grid, old_grid, width).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=new_grid < old_grid)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, width).to(pos_embed.dtype)
+    grid = grid_tokens.reshape(1, old_grid, old_grid, width).permute(0, 3, 1, 2)
+    dtype = grid.dtype
+    grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, width).to(dtype)
     return torch.cat([prefix, grid], dim=1)
 
 
 def create_model(name: str, *, style: str | None = None, components=None, **overrides) -> VisionTransformer:
-    """A preset ViT, e.g. create_model('vit_base_patch32', num_classes=1001, style='mindspore')."""
+    """A preset ViT, e.g. create_model('vit_base_patch32', num_classes=1001). Its numerics are DEFAULT_STYLE's (the
+    original's, as `vitkit train` builds it) unless style='timm' or a field says otherwise."""
     return VisionTransformer(make_arch(name, style=style, **overrides), components=components)

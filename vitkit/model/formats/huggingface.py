@@ -174,8 +174,14 @@ def _arch_fields(config: dict, has_pooler: bool) -> dict:
         raise VitkitError(f"the checkpoint's pooler_act '{config['pooler_act']}' is not tanh, the only pooler vitkit has")
     image_size, patch_size = config.get("image_size"), config.get("patch_size")
     for name, value in (("image_size", image_size), ("patch_size", patch_size)):
+        if isinstance(value, (list, tuple)) and not all(isinstance(side, int) for side in value):
+            raise VitkitError(f"the checkpoint's {name} is {str(value)[:100]}, not a list of pixel counts: "
+                              "the config.json is damaged; re-save the model with save_pretrained")
         if isinstance(value, (list, tuple)) and len(set(value)) > 1:
             raise VitkitError(f"the checkpoint's {name} is {list(value)}: vitkit's ViT takes square images and patches")
+    if config["layer_norm_eps"] is None:  # check_arch_fields takes None for 'not stated'; the config states it
+        raise VitkitError("the checkpoint's layer_norm_eps is null: the config.json is damaged; re-save the model "
+                          "with save_pretrained")
     fields = {"ln_eps": config["layer_norm_eps"], "gelu": _GELU_FORMS[act]}
     if "num_attention_heads" in config:
         fields["num_heads"] = config["num_attention_heads"]

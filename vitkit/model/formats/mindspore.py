@@ -25,6 +25,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.fileio import atomic_path
+from vitkit.model.formats.magic import kind_from_head
 from vitkit.model.vit import MAX_DEPTH
 
 # MindSpore's `tensor_type` strings. Element bytes are little-endian, as on every host torch runs on.
@@ -250,18 +251,16 @@ def _other_format(head: bytes) -> str | None:
             "(mindspore.load_checkpoint(path, dec_key=..., dec_mode=...)) and re-save it with "
             "mindspore.save_checkpoint without enc_key"
         )
-    if head.startswith(b"PK\x03\x04"):
-        return (
-            "is a zip archive (how torch.save writes PyTorch checkpoints), not a MindSpore .ckpt: "
-            "load it as a PyTorch checkpoint"
-        )
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "is a Python pickle (a legacy torch.save file), not a MindSpore .ckpt: load it as a PyTorch checkpoint"
-    if head.startswith(b"\x93NUMPY"):
-        return "is a NumPy .npy array, not a MindSpore .ckpt: pass the checkpoint file instead"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
-        return "is a safetensors file, not a MindSpore .ckpt: load it as a safetensors checkpoint"
-    return None
+    return _OTHER_FORMATS.get(kind_from_head(head))
+
+
+_OTHER_FORMATS = {
+    "zip": "is a zip archive (how torch.save writes PyTorch checkpoints), not a MindSpore .ckpt: "
+           "load it as a PyTorch checkpoint",
+    "pickle": "is a Python pickle (a legacy torch.save file), not a MindSpore .ckpt: load it as a PyTorch checkpoint",
+    "npy": "is a NumPy .npy array, not a MindSpore .ckpt: pass the checkpoint file instead",
+    "safetensors": "is a safetensors file, not a MindSpore .ckpt: load it as a safetensors checkpoint",
+}
 
 
 def _read_bytes(path: Path) -> bytes:

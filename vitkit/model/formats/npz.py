@@ -19,7 +19,9 @@ from __future__ import annotations
 import io
 import math
 import re
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,8 @@ def read_npz(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         _check_arrays(path)
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    # zlib.error: a damaged deflated entry; NotImplementedError: a compression method Python lacks
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
         raise VitkitError(f"cannot read '{path}' as .npz ({exc}): the file may be truncated") from None
     with archive:
         prefix = next((p for p in _PREFIXES if f"{p}embedding/kernel" in archive.files), None)
@@ -65,12 +68,17 @@ def read_npz(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             if name not in cache:
                 try:
                     array = archive[prefix + name]
-                except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
                     raise VitkitError(f"cannot read array '{prefix + name}' of '{path}' ({exc}): the file is damaged") from None
                 cache[name] = _to_float32(array, path, prefix + name)
             return cache[name]
 
-        return _flax_to_vitkit(names, read, path)
+        try:
+            return _flax_to_vitkit(names, read, path)
+        except (IndexError, RuntimeError) as exc:  # an array of a shape no ViT layer has fails its reshape or index
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise VitkitError(f"'{path}' has arrays of shapes no ViT has ({reason}): the file is damaged or not a "
+                              "ViT checkpoint") from None
 
 
 def _check_arrays(path) -> None:
@@ -85,7 +93,7 @@ def _check_arrays(path) -> None:
                 version = np.lib.format.read_magic(head)
                 read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, _, dtype = read_header(head)
-            except (ValueError, TypeError, SyntaxError) as exc:
+            except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as exc:  # TokenError: unbalanced brackets
                 raise VitkitError(f"array '{name}' of '{path}' has no readable .npy header ({exc}): the file is damaged") from None
             if any(size < 0 for size in shape):
                 raise VitkitError(f"array '{name}' of '{path}' has negative shape {shape}: the file is damaged")
