@@ -198,7 +198,7 @@ def test_mean_pooling_and_swapped_blocks_run_every_token():
 @pytest.mark.parametrize(
     "make, fragment",
     [
-        (lambda: vitkit.create_model("vit_tiny_patch16", image_size=100), "not divisible by patch size 16"),
+        (lambda: vitkit.create_model("vit_tiny_patch16", image_size=100), "not a multiple of patch_size 16"),
         (lambda: vitkit.create_model("vit_tinny_patch16"), "did you mean 'vit_tiny_patch16'"),
         (lambda: vitkit.create_model("vit_tiny_patch16", depht=3), "did you mean 'depth'"),
         (lambda: vitkit.create_model("vit_tiny_patch16", pool="max"), "pool 'max' is not one of"),

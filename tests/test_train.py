@@ -200,7 +200,7 @@ def test_eval_cadence_follows_the_originals_formula(tiny_dataset, tmp_path, inte
 @pytest.mark.parametrize("args, fragment", [
     (["--dataset_path=/no/such/folder"], "/no/such/folder"),
     (["--batch_size=-4"], "batch_size"),
-    (["--train_image_size=30"], "not a multiple of the patch size 8"),
+    (["--train_image_size=30"], "not a multiple of patch_size 8"),
     (["--resume", "/no/such.pt"], "does not exist"),
 ])
 def test_bad_training_input_is_one_line_and_exit_2(tiny_dataset, tmp_path, capsys, args, fragment):

@@ -31,7 +31,7 @@ from vitkit.engine.lr_schedule import LR_MODES
 from vitkit.engine.optim import BETA_RANGE, OPTIMIZER_NAMES
 from vitkit.errors import VitkitError
 from vitkit.model.presets import resolve_preset
-from vitkit.model.vit import ARCH_DEFAULTS, ARCH_FIELDS, MAX_IMAGE_SIDE, STYLES, range_text
+from vitkit.model.vit import ARCH_DEFAULTS, ARCH_FIELDS, MAX_IMAGE_SIDE, STYLES, range_text, size_problem
 
 
 # Upper bounds of the options that size an allocation or a loop: far past any real run, short of what would take
@@ -901,21 +901,14 @@ def _check_together(config: Config, origins: dict[str, _Setting]) -> None:
             _set(config, OPTIONS[f"model.{name}"], value)
     patch = model.patch_size or preset["patch_size"]
     width, heads = model.embed_dim or preset["embed_dim"], model.num_heads or preset["num_heads"]
-    if width % heads:
-        raise VitkitError(
-            f"config keys model.embed_dim {width} and model.num_heads {heads} do not fit: "
-            "the width must be a multiple of the head count"
-        )
+    problem = size_problem(embed_dim=width, num_heads=heads)
+    if problem:
+        raise VitkitError(f"config keys model.embed_dim and model.num_heads: {problem}")
     for key in ("model.image_size", "eval.image_size"):
-        option = OPTIONS[key]
-        size = _get(config, option)
-        if size % patch:
-            nearest = max(patch, round(size / patch) * patch)
-            setting = origins.get(key)
-            raise VitkitError(
-                f"config key {_label(option, setting)} is {size}{_from(setting)}, not a multiple of the "
-                f"patch size {patch} of {model.name}: use a multiple of {patch}, e.g. {nearest}"
-            )
+        option, setting = OPTIONS[key], origins.get(key)
+        problem = size_problem(image_size=_get(config, option), patch_size=patch)
+        if problem:
+            raise VitkitError(f"config key {_label(option, setting)}{_from(setting)}: {problem} ({model.name})")
     _match_export_suffix(config.export, config.notes)
 
 

@@ -140,13 +140,10 @@ class ViTArch:
             problem = _field_problem(item, getattr(self, item.name))
             if problem:
                 raise VitkitError(f"model {item.name} {getattr(self, item.name)!r} is {problem}")
-        if self.image_size % self.patch_size:
-            raise VitkitError(
-                f"image size {self.image_size} is not divisible by patch size {self.patch_size}: "
-                f"use a multiple of {self.patch_size}, e.g. {self.patch_size * max(1, self.image_size // self.patch_size)}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise VitkitError(f"width {self.embed_dim} is not divisible by {self.num_heads} heads: pick a head count that divides it")
+        problem = size_problem(image_size=self.image_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                               num_heads=self.num_heads)
+        if problem:
+            raise VitkitError(problem)
         if self.pool == "token" and not self.class_token:
             raise VitkitError("pool 'token' needs a class token: set pool to 'mean' or class_token to true")
         if self.dynamic_img_size and self.pos_embed != "learn":
@@ -207,6 +204,18 @@ def _field_problem(item: dataclasses.Field, value) -> str:
     return "" if in_range else f"not {range_text(**bounds)}"
 
 
+def size_problem(*, image_size=None, patch_size=None, embed_dim=None, num_heads=None) -> str:
+    """The rule that ties the sizes together, for whichever of them are known: the patch divides the image and the
+    head count divides the width. What is wrong, with the fix ('' if nothing)."""
+    if image_size and patch_size and image_size % patch_size:
+        nearest = patch_size * max(1, round(image_size / patch_size))
+        return (f"image_size {image_size} is not a multiple of patch_size {patch_size}: use a multiple of "
+                f"{patch_size}, e.g. {nearest}")
+    if embed_dim and num_heads and embed_dim % num_heads:
+        return f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}: pick a head count that divides it"
+    return ""
+
+
 def check_arch_fields(fields, where: str) -> dict:
     """The ViTArch fields a file states (its metadata or config), each of ViTArch's type, choices and range.
 
@@ -221,12 +230,9 @@ def check_arch_fields(fields, where: str) -> dict:
             if problem:
                 raise VitkitError(f"{where} has {name} {value!r}, {problem}: the file is damaged or not vitkit's")
     patch, image, width, heads = (fields.get(name) for name in ("patch_size", "image_size", "embed_dim", "num_heads"))
-    if patch and image and (patch > image or image % patch):
-        raise VitkitError(f"{where} has image_size {image} and patch_size {patch}, which does not divide it: "
-                          "the file is damaged or not vitkit's")
-    if width and heads and width % heads:
-        raise VitkitError(f"{where} has num_heads {heads}, which does not divide embed_dim {width}: "
-                          "the file is damaged or not vitkit's")
+    problem = size_problem(image_size=image, patch_size=patch, embed_dim=width, num_heads=heads)
+    if problem:
+        raise VitkitError(f"{where}: {problem.partition(':')[0]}; the file is damaged or not vitkit's")
     if patch and image and width and (image // patch) ** 2 * width > MAX_POSITION_ELEMENTS:
         raise VitkitError(f"{where} has image_size {image} at patch_size {patch} and embed_dim {width}: a position "
                           f"table of {(image // patch) ** 2 * width} elements, more than vitkit builds "
