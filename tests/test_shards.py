@@ -10,7 +10,7 @@ import tarfile
 import pytest
 from safetensors.torch import load_file
 
-from conftest import write_image_folder
+from conftest import TINY_MODEL, write_image_folder
 from test_distributed import check_ok, torchrun
 from test_fault_injection import run_vitkit
 from test_faults import cli_args
@@ -124,6 +124,22 @@ def test_training_from_shards_ends_on_the_weights_and_eval_counts_of_the_folder(
                for run in (folder_run, shard_run)]
     assert [record["eval_images"] for record in records[1]] == [11, 11]
     assert [(r["accuracy"], r["loss"]) for r in records[0]] == [(r["accuracy"], r["loss"]) for r in records[1]]
+
+
+def test_infer_over_shards_answers_as_over_the_folder(data, shard_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    folders, shards = data
+    onnx = tmp_path / "tiny.onnx"
+    assert main(["export", "--model", str(shard_run / FINAL), *TINY_MODEL, "--class_num=3", "--file_format=ONNX",
+                 "--file_name", str(onnx)]) == 0
+    answers = []
+    for split in (folders / "val", shards / "val"):
+        capsys.readouterr()
+        assert main(["infer", "--model", str(onnx), "--data", str(split), "--json"]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0]["images"] == 11
+    assert {key: answers[1][key] for key in ("images", "top1", "top5")} == {
+        key: answers[0][key] for key in ("images", "top1", "top5")}
 
 
 def test_a_run_killed_mid_epoch_resumes_from_shards_to_the_uninterrupted_weights(data, shard_run, tmp_path):
