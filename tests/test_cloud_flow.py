@@ -7,6 +7,7 @@ its data and checkpoints in the bucket must end on bit-identical weights, and so
 uploads a checkpoint, and resumed with --resume auto from the bucket."""
 import json
 import os
+import tarfile
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("s3fs")
 
-from conftest import TINY_MODEL, write_image_folder  # noqa: E402
+from conftest import TINY_MODEL, free_port, write_image_folder  # noqa: E402
 from test_fault_injection import run_vitkit  # noqa: E402
-from test_storage import S3_ENV, free_port, s3_server  # noqa: E402, F401 - s3_server is a fixture
+from test_storage import S3_ENV, s3_server  # noqa: E402, F401 - s3_server is a fixture
 from vitkit import storage  # noqa: E402
 from vitkit.cli import main  # noqa: E402
 from vitkit.engine import checkpoint as ckpt  # noqa: E402
@@ -133,6 +134,25 @@ def test_eval_from_the_bucket_equals_eval_of_the_local_folder(in_bucket, tmp_pat
         {key: local[key] for key in ("top1", "top5", "total", "correct1")}
     assert local["total"] == 11
     assert cloud["fs"].find("runs/evaluated/report")  # the report was published at the URL
+
+
+def test_a_tar_in_the_bucket_evaluates_like_the_local_folder(in_bucket, tmp_path, capsys):
+    """The original's ImageNet arrives as val/imagenet_val.tar: in a bucket it is copied once and read in place."""
+    cloud = in_bucket
+    archive = tmp_path / "tiny_val.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(cloud["data"] / "val", arcname="val")
+    storage.configure(cloud["env"]["AWS_ENDPOINT_URL"])
+    storage.upload_file(archive, "s3://data/tars/tiny_val.tar")
+    common = ["--model", str(cloud["local"] / FINAL), *TINY_MODEL, "--class_num=3", "--eval_batch_size=5",
+              "--eval_num_workers=0", "--json"]
+    answers = []
+    for data in (str(cloud["data"] / "val"), "s3://data/tars/tiny_val.tar"):
+        assert main(["eval", *common, "--data", data]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0]["total"] == 11
+    assert {key: answers[1][key] for key in ("top1", "top5", "total", "correct1")} == \
+        {key: answers[0][key] for key in ("top1", "top5", "total", "correct1")}
 
 
 def test_export_to_the_bucket_then_infer_and_predict_from_it_equal_local(in_bucket, tmp_path, capsys):

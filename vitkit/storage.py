@@ -480,13 +480,15 @@ def _holds_shards(url: str) -> bool:
 
 def local_input(path: str, wait_s: float = 3600, is_data: bool = True) -> str:
     """What a command reads for `path`: a local path as it is; remote shards as they are (read in place, a byte
-    range per image: vitkit.data.archives); any other remote data folder or file as its local copy, made once per
-    machine while the other local processes wait."""
+    range per image: vitkit.data.archives); any other remote data folder or .tar archive as its local copy, made
+    once per machine while the other local processes wait."""
     if not is_url(path) or (is_data and _holds_shards(path)):
         return path
     if not is_data:
         return str(fetch(path, wait_s))
     local = cache_path(path, "data")
+    if path.endswith(".tar"):  # an archive of class folders is read in place from its copy, known by its suffix
+        local = local / path.rsplit("/", 1)[-1]
     once_per_machine(path, lambda: copy_tree_in(path, local), wait_s)
     return str(local)
 
