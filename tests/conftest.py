@@ -1,4 +1,6 @@
-"""Shared test helpers: small real image folders written with PIL, and a tiny training config."""
+"""Shared test helpers: small real image folders written with PIL, a tiny training config, a killed-and-resumed
+run, the one-line error check and a free loopback port."""
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 from PIL import Image
 
 from vitkit.config import load_config
+from vitkit.errors import VitkitError
 
 # A ViT small enough to train for a few steps in a second on 2 CPU cores.
 TINY_MODEL = [
@@ -44,3 +47,43 @@ def tiny_config(data: Path, out: Path, *extra: str):
         "--max_epoch=2", "--warmup_epochs=1", "--lr_max=0.001", "--save_checkpoint_epochs=1", "--autoaugment=0",
         "--logging.progress=plain", *extra,
     ])
+
+
+def whole_and_resumed_runs(data: Path, tmp_path: Path, monkeypatch, extra: tuple, die_at_call: int):
+    """Trains tiny_config plus `extra` twice: once whole, into tmp_path/whole, and once into tmp_path/killed,
+    interrupted (KeyboardInterrupt) at the die_at_call-th training step and continued with --resume auto. Returns the
+    two output folders, whose final checkpoints an exact resume makes equal."""
+    from vitkit.engine.trainer import Trainer, train
+
+    train(tiny_config(data, tmp_path / "whole", *extra))
+    original_step = Trainer._train_step
+    calls = {"n": 0}
+
+    def dying_step(self, images, labels):
+        calls["n"] += 1
+        if calls["n"] == die_at_call:
+            raise KeyboardInterrupt
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "killed", *extra))
+    monkeypatch.setattr(Trainer, "_train_step", original_step)
+    train(tiny_config(data, tmp_path / "killed", *extra, "--train.resume=auto"))
+    return tmp_path / "whole", tmp_path / "killed"
+
+
+def one_line_error(call) -> str:
+    """The message of the VitkitError that call() raises, which must be one line."""
+    with pytest.raises(VitkitError) as raised:
+        call()
+    message = str(raised.value)
+    assert "\n" not in message
+    return message
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server the test starts on loopback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

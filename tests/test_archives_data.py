@@ -11,7 +11,7 @@ import warnings
 import pytest
 from safetensors.torch import load_file
 
-from conftest import tiny_config, write_image_folder
+from conftest import one_line_error, tiny_config, write_image_folder
 from test_faults import cli_args
 from vitkit.cli import main
 from vitkit.data import archives
@@ -20,7 +20,6 @@ from vitkit.data.folder import ImageFolderDataset, list_image_folder
 from vitkit.data.transforms import train_transform
 from vitkit.deploy.infer import list_samples
 from vitkit.engine.trainer import train
-from vitkit.errors import VitkitError
 
 
 def make_tar(path, root, arcname, **options):
@@ -158,14 +157,6 @@ def test_members_over_the_size_bound_are_skipped_before_any_read(tmp_path, monke
     with pytest.warns(UserWarning, match=r"1 too large"):
         samples, _, _ = list_tar(str(path))
     assert [name.rsplit("/", 1)[1] for name, _ in samples] == ["ant_000.png", "ant_001.png", "bee_000.png"]
-
-
-def one_line_error(call) -> str:
-    with pytest.raises(VitkitError) as raised:
-        call()
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 def test_cut_short_damaged_compressed_and_huge_header_archives_are_one_error_line(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_error
 from vitkit.data.folder import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -14,7 +15,6 @@ from vitkit.data.folder import (
     read_bytes,
 )
 from vitkit.data.loader import collate_skipping_failures
-from vitkit.errors import VitkitError
 
 
 def save_image(path, seed=0, size=(20, 30), mode="RGB"):
@@ -25,13 +25,6 @@ def save_image(path, seed=0, size=(20, 30), mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return pixels
-
-
-def one_line_error(call):
-    with pytest.raises(VitkitError) as caught:
-        call()
-    assert "\n" not in str(caught.value)
-    return str(caught.value)
 
 
 def test_classes_are_sorted_folders_and_labels_their_positions(tmp_path):

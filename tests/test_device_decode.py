@@ -1,8 +1,5 @@
 """data.decode_on=device: workers plan the crop, the training device decodes (run here on the CPU, where
 torchvision's decode_jpeg is libjpeg; tests/test_cuda.py runs the same path through nvJPEG)."""
-import io
-
-import numpy as np
 import pytest
 import torch
 from PIL import Image

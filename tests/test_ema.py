@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config, write_image_folder
+from conftest import tiny_config, whole_and_resumed_runs, write_image_folder
 from vitkit.cli import main
 from vitkit.engine.ema import ModelEma, ema_decay_at
 from vitkit.engine.trainer import Trainer, train
@@ -124,21 +124,8 @@ def test_ema_without_ema_weights_is_one_error_line(tiny_dataset, tmp_path, capsy
 def test_a_run_killed_mid_epoch_resumes_its_ema_bit_for_bit(tiny_dataset, tmp_path, monkeypatch):
     extra = ("--max_epoch=3", "--train.ema_decay=0.7", "--checkpoint.save_checkpoint_steps=3", "--mixup=0.2",
              "--keep_checkpoint_max=10")
-    train(tiny_config(tiny_dataset, tmp_path / "whole", *extra))
-    original_step = Trainer._train_step
-    calls = {"n": 0}
-
-    def dying_step(self, images, labels):
-        calls["n"] += 1
-        if calls["n"] == 8:  # after the step-6 checkpoint, in the middle of epoch 2
-            raise KeyboardInterrupt
-        return original_step(self, images, labels)
-
-    monkeypatch.setattr(Trainer, "_train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tiny_dataset, tmp_path / "killed", *extra))
-    monkeypatch.setattr(Trainer, "_train_step", original_step)
-    train(tiny_config(tiny_dataset, tmp_path / "killed", *extra, "--train.resume=auto"))
+    # Killed after the step-6 checkpoint, in epoch 2.
+    whole_and_resumed_runs(tiny_dataset, tmp_path, monkeypatch, extra, die_at_call=8)
     for name in ("vit_tiny_patch16-3_4.safetensors", "vit_tiny_patch16-3_4.ema.safetensors"):
         whole, resumed = load_file(tmp_path / "whole" / name), load_file(tmp_path / "killed" / name)
         assert all(torch.equal(whole[key], resumed[key]) for key in whole), name

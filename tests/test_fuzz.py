@@ -37,6 +37,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import one_line_error  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -736,16 +738,6 @@ def test_a_crash_in_the_worker_is_a_finding_and_the_next_request_is_served(worke
 # ---- regressions: the minimal inputs of findings, as plain tests ---------------------------------------------------
 
 
-def _error_line(call) -> str:
-    from vitkit.errors import VitkitError
-
-    with pytest.raises(VitkitError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
-
-
 def test_a_deflated_npz_whose_entry_starts_in_the_wrong_place_is_refused(tmp_path):
     # Found by test_mutated_deflated_npz: a flipped bit in a local header's extra-field length (offset 28) moves the
     # start of the compressed data, and zlib raised zlib.error, which is no OSError.
@@ -754,7 +746,7 @@ def test_a_deflated_npz_whose_entry_starts_in_the_wrong_place_is_refused(tmp_pat
     data = bytearray(npz_bytes({"embedding/kernel": npy_bytes(np.zeros((4, 4, 3, 8), np.float32))}, zipfile.ZIP_DEFLATED))
     data[28] ^= 1
     path = write_bytes(tmp_path / "damaged.npz", bytes(data))
-    assert "damaged.npz" in _error_line(lambda: read_weights(path))
+    assert "damaged.npz" in one_line_error(lambda: read_weights(path))
 
 
 def test_a_pytorch_checkpoint_whose_pickle_pops_an_empty_stack_is_refused(tmp_path):
@@ -771,7 +763,7 @@ def test_a_pytorch_checkpoint_whose_pickle_pops_an_empty_stack_is_refused(tmp_pa
         for info in source.infolist():
             target.writestr(info, b"\x80\x02R." if info.filename.endswith("data.pkl") else source.read(info))
     path = write_bytes(tmp_path / "damaged.pth", damaged.getvalue())
-    assert "damaged.pth" in _error_line(lambda: read_weights(path))
+    assert "damaged.pth" in one_line_error(lambda: read_weights(path))
 
 
 @pytest.mark.parametrize("image_size", [[[]], [{}], [1.5, 1.5]])
@@ -782,7 +774,7 @@ def test_a_huggingface_config_with_a_size_that_is_no_number_is_refused(tmp_path,
     folder = tmp_path / "hf"
     write_bytes(folder / "config.json", json.dumps({**HF_CONFIG, "image_size": image_size}).encode())
     write_bytes(folder / "model.safetensors", HF_FILES["model.safetensors"])
-    assert "image_size" in _error_line(lambda: read_weights(folder))
+    assert "image_size" in one_line_error(lambda: read_weights(folder))
 
 
 def test_a_zip_entry_name_that_is_not_utf8_is_refused(tmp_path):
@@ -792,7 +784,7 @@ def test_a_zip_entry_name_that_is_not_utf8_is_refused(tmp_path):
 
     data = npz_bytes({"\u00e1": npy_bytes(np.zeros(2, np.float32))}).replace("\u00e1".encode(), b"\xe1A")
     path = write_bytes(tmp_path / "damaged.npz", data)
-    assert "damaged.npz" in _error_line(lambda: read_weights(path))
+    assert "damaged.npz" in one_line_error(lambda: read_weights(path))
 
 
 def test_an_npz_attention_kernel_without_head_axes_is_refused(tmp_path):
@@ -802,7 +794,7 @@ def test_an_npz_attention_kernel_without_head_axes_is_refused(tmp_path):
     arrays = flax_arrays()
     arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"] = np.zeros((), np.float32)
     path = write_bytes(tmp_path / "damaged.npz", npz_bytes({name: npy_bytes(array) for name, array in arrays.items()}))
-    assert "damaged.npz" in _error_line(lambda: read_weights(path))
+    assert "damaged.npz" in one_line_error(lambda: read_weights(path))
 
 
 @pytest.mark.parametrize("field", ["extract version", "compression method"])
@@ -818,7 +810,7 @@ def test_a_zip_that_needs_a_newer_unzip_is_refused(tmp_path, field):
     else:
         data[central + 10], data[8] = 99, 99  # the first entry's method, in its directory and its local header
     path = write_bytes(tmp_path / "newer.npz", bytes(data))
-    assert "newer.npz" in _error_line(lambda: read_weights(path))
+    assert "newer.npz" in one_line_error(lambda: read_weights(path))
 
 
 def test_an_npy_header_with_unbalanced_brackets_is_refused(tmp_path):
@@ -829,7 +821,7 @@ def test_an_npy_header_with_unbalanced_brackets_is_refused(tmp_path):
     members["Transformer/encoder_norm/bias"] = npy_bytes(np.zeros(0, np.uint8),
                                                          "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, }")
     path = write_bytes(tmp_path / "damaged.npz", npz_bytes(members))
-    assert "damaged.npz" in _error_line(lambda: read_weights(path))
+    assert "damaged.npz" in one_line_error(lambda: read_weights(path))
 
 
 def test_a_huggingface_config_with_a_null_layer_norm_eps_is_refused(tmp_path):
@@ -839,7 +831,7 @@ def test_a_huggingface_config_with_a_null_layer_norm_eps_is_refused(tmp_path):
     folder = tmp_path / "hf"
     write_bytes(folder / "config.json", json.dumps({**HF_CONFIG, "layer_norm_eps": None}).encode())
     write_bytes(folder / "model.safetensors", HF_FILES["model.safetensors"])
-    assert "layer_norm_eps" in _error_line(lambda: load_model(folder))
+    assert "layer_norm_eps" in one_line_error(lambda: load_model(folder))
 
 
 # ---- through the command line, in a subprocess: a crash or a traceback is caught here too --------------------------
@@ -925,7 +917,7 @@ def cli_results(command_runs):
 
 
 @pytest.mark.parametrize("reader", ["mindspore", "npz", "safetensors-vitkit", "huggingface", "config", "jpeg"])
-def test_the_command_ends_in_a_result_or_one_error_line(cli_results, reader):
+def test_the_command_ends_in_a_result_or_oneone_line_error(cli_results, reader):
     if reader not in cli_results:
         pytest.skip("scikit-image (the sample photograph) is not installed")
     for argv, code, err in cli_results[reader]:

@@ -9,12 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from conftest import tiny_config
+from conftest import tiny_config, whole_and_resumed_runs
 from vitkit.config import load_config
 from vitkit.data.folder import ImageFolderDataset, list_image_folder
 from vitkit.data.loader import ShardSampler, build_loader, split_sample_key
 from vitkit.data.transforms import train_transform
-from vitkit.engine.trainer import Trainer, train
+from vitkit.engine.trainer import Trainer
 from vitkit.errors import VitkitError
 
 
@@ -163,22 +163,8 @@ def test_training_with_repeated_aug_resumed_mid_epoch_ends_with_the_same_weights
              "--data.augment=three_augment", "--keep_checkpoint_max=10")
     trainer = Trainer(tiny_config(tiny_dataset, tmp_path / "probe", *extra))
     assert trainer.train_sampler.repeats == 3 and trainer.steps_per_epoch == 36 // 8
-    train(tiny_config(tiny_dataset, tmp_path / "whole", *extra))
-
-    original_step = Trainer._train_step
-    calls = {"n": 0}
-
-    def dying_step(self, images, labels):
-        calls["n"] += 1
-        if calls["n"] == 7:  # after the step-6 checkpoint, in the middle of epoch 1
-            raise KeyboardInterrupt
-        return original_step(self, images, labels)
-
-    monkeypatch.setattr(Trainer, "_train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tiny_dataset, tmp_path / "killed", *extra))
-    monkeypatch.setattr(Trainer, "_train_step", original_step)
-    train(tiny_config(tiny_dataset, tmp_path / "killed", *extra, "--train.resume=auto"))
+    # Killed after the step-6 checkpoint, in epoch 1.
+    whole_and_resumed_runs(tiny_dataset, tmp_path, monkeypatch, extra, die_at_call=7)
 
     whole = load_file(tmp_path / "whole" / "vit_tiny_patch16-2_4.safetensors")
     resumed = load_file(tmp_path / "killed" / "vit_tiny_patch16-2_4.safetensors")

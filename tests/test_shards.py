@@ -4,13 +4,12 @@ their index with per-sample random access, to the same results as the image fold
 import json
 import os
 import shutil
-import socket
 import tarfile
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, write_image_folder
+from conftest import TINY_MODEL, free_port, one_line_error, write_image_folder
 from test_distributed import check_ok, torchrun
 from test_fault_injection import run_vitkit
 from test_faults import cli_args
@@ -18,7 +17,6 @@ from vitkit import storage
 from vitkit.cli import main
 from vitkit.data.archives import list_labelled
 from vitkit.data.folder import list_image_folder
-from vitkit.errors import VitkitError
 
 # 36 training images, batches of 8: 4 steps an epoch, 2 epochs; checkpoints at global steps 3 (1_3), 4 (1_4),
 # 6 (2_2: in the middle of epoch 1) and 8 (2_4). One loader worker, so the shards are read in a forked process.
@@ -173,13 +171,6 @@ def test_two_gloo_processes_evaluate_every_shard_sample_once(data, shard_run, ca
 
 # ------------------------------------------------------------------------------------------------ hostile input
 
-def one_line_error(call) -> str:
-    with pytest.raises(VitkitError) as raised:
-        call()
-    assert "\n" not in str(raised.value)
-    return str(raised.value)
-
-
 def _shard(index):
     return index["shardlist"][0]
 
@@ -236,12 +227,6 @@ def test_shard_refuses_a_destination_that_holds_shards_and_bad_sizes(data, capsy
 
 
 # --------------------------------------------------------------------------------------- shards in a bucket
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def bucket():

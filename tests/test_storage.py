@@ -3,7 +3,6 @@ copies both ways, atomic publishing, the checkpoint-marker order of the output m
 one copy per machine, and one-line errors for unknown schemes, unreachable endpoints and missing buckets."""
 import http.server
 import os
-import socket
 import sys
 import threading
 import time
@@ -16,17 +15,12 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
+from conftest import free_port  # noqa: E402
 from vitkit import storage  # noqa: E402
 from vitkit.errors import VitkitError  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

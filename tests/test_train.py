@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import vitkit
-from conftest import TINY_MODEL, tiny_config, write_image_folder
+from conftest import TINY_MODEL, tiny_config, whole_and_resumed_runs
 from vitkit.cli import main
 from vitkit.data.transforms import eval_transform, normalize_batch
 from vitkit.engine.runlog import format_epoch_line
@@ -77,22 +77,8 @@ def test_same_seed_gives_bit_identical_weights(tiny_dataset, tmp_path):
 def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tiny_dataset, tmp_path, monkeypatch, workers):
     extra = ("--max_epoch=3", "--checkpoint.save_checkpoint_steps=3", "--mixup=0.2", f"--train_num_workers={workers}",
              "--keep_checkpoint_max=10")
-    train(tiny_config(tiny_dataset, tmp_path / "whole", *extra))
-
-    original_step = Trainer._train_step
-    calls = {"n": 0}
-
-    def dying_step(self, images, labels):
-        calls["n"] += 1
-        if calls["n"] == 8:  # after the step-6 checkpoint, in the middle of epoch 2
-            raise KeyboardInterrupt
-        return original_step(self, images, labels)
-
-    monkeypatch.setattr(Trainer, "_train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tiny_dataset, tmp_path / "killed", *extra))
-    monkeypatch.setattr(Trainer, "_train_step", original_step)
-    train(tiny_config(tiny_dataset, tmp_path / "killed", *extra, "--train.resume=auto"))
+    # Killed after the step-6 checkpoint, in epoch 2.
+    whole_and_resumed_runs(tiny_dataset, tmp_path, monkeypatch, extra, die_at_call=8)
 
     whole = load_file(tmp_path / "whole" / "vit_tiny_patch16-3_4.safetensors")
     resumed = load_file(tmp_path / "killed" / "vit_tiny_patch16-3_4.safetensors")
