@@ -113,7 +113,7 @@ def main() -> int:
             print(f"{model_name:<20} batch {args.batch:>3}  checkpointing {'on ' if checkpointing else 'off'}  "
                   f"peak {peak:>9.1f} MiB  before step {before:>9.1f} MiB  step added {peak - before:>9.1f} MiB  "
                   f"step {row['step_seconds']:.2f} s", flush=True)
-    write_report(args.out, {"machine": machine(), "rows": rows})
+            write_report(args.out, {"machine": machine(), "rows": rows})  # after each case: a run cut short keeps them
     return 0
 
 

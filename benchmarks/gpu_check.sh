@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: everything an NVIDIA H100/H200 machine (16 CPU cores beside it) should run and measure, in one run
-# of 7-8 minutes (the steps' limits add up to 8), installing nothing (torch, torchvision, timm, scikit-image and
-# pytest must be there):
+# The GPU check: everything an NVIDIA H100/H200 machine (16 CPU cores beside it) should run and measure, in about
+# 8 minutes (steps 1-5 took 7 on an H200; the limits add up to 9), installing nothing (torch, torchvision, timm,
+# scikit-image and pytest must be there):
 #   bash benchmarks/gpu_check.sh            # results under $OUT if set, else benchmarks/results/gpu
 #   SMOKE=1 bash benchmarks/gpu_check.sh    # the same steps on the CPU at toy sizes (tests/test_gpu_check.py, in CI)
 # In order, each step under its own time limit and keeping what it measured when cut short:
@@ -13,6 +13,8 @@
 #    (bench_device_decode.py).
 # 4. Inference images/s, eager and compiled, against timm (bench_infer_gpu.py).
 # 5. The Fashion-MNIST demo recipe (configs/fashion_mnist_vit.yml) on the GPU: top-1 and training time.
+# 6. The CUDA peak memory of one ViT-B/16 and ViT-L/16 training step without and with activation checkpointing
+#    (bench_memory.py).
 # Fashion-MNIST is read from FASHION_MNIST_SOURCE (the four IDX .gz files; default: the Debian package's folder).
 # summary.json gathers every figure; log.txt is this script's whole output.
 set -uo pipefail
@@ -34,7 +36,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   MODELS=(vit_tiny_patch16) BATCHES=(4) WARMUP=1 STEPS=1 ROUNDS=1
   JPEG_ARGS=(--per-class 2 --size 64x48) JPEG_MAKERS=1 JPEG_COPIES=2 E2E_EPOCHS=2
   DEMO_ARGS=(--max_epoch=1 --eval_interval=1 --batch_size=8 --train_num_workers=1) DEMO_LIMIT=(--limit 40)
-  LIMITS=(test=60 step=60 e2e=60 infer=60 demo=60)
+  MEMORY_ARGS=(--device cpu --batch 2 --models vit_tiny_patch16)
+  LIMITS=(test=60 step=60 e2e=60 infer=60 demo=60 memory=60)
 else
   DEVICE=cuda PRECISION=bf16 IMAGE=224 WORKERS=$(( $(nproc) - 2 )) MODES=(eager compile)
   MODELS=(vit_base_patch32 vit_base_patch16) BATCHES=(1024 512) WARMUP=3 STEPS=8 ROUNDS=3
@@ -43,7 +46,8 @@ else
   JPEG_ARGS=(--per-class 40) JPEG_MAKERS=4 JPEG_COPIES=32 E2E_EPOCHS=2
   DEMO_ARGS=(--train_num_workers="$WORKERS" --eval_num_workers=4) DEMO_LIMIT=()
   # Each step's time on an H200 (BENCHMARKS.md) with a margin; compiling a training model is most of step 2.
-  LIMITS=(test=45 step=190 e2e=110 infer=60 demo=80)
+  MEMORY_ARGS=(--device cuda --batch 64 --models vit_base_patch16 vit_large_patch16)
+  LIMITS=(test=45 step=190 e2e=110 infer=60 demo=80 memory=50)
 fi
 declare -A LIMIT
 for pair in "${LIMITS[@]}"; do LIMIT[${pair%%=*}]=${pair#*=}; done
@@ -161,6 +165,9 @@ with atomic_path(os.path.join(results, "demo.json")) as tmp:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
 EOF
 
+step "6. activation checkpointing: peak memory of one training step, without and with"
+timeout "${LIMIT[memory]}" "$PY" benchmarks/bench_memory.py "${MEMORY_ARGS[@]}" --out "$RESULTS/memory.json"
+
 step "summary"
 "$PY" - "$SCRATCH/machine.txt" "$RESULTS" "$(( SECONDS - STARTED ))" <<'EOF'
 import json, os, sys
@@ -174,7 +181,8 @@ summary = {"machine": open(machine_txt).read().splitlines(), "seconds": int(seco
            "cuda_tests": tests[-1] if tests else None, "train_step": (read("train_step.json") or {}).get("results"),
            "device_decode": (read("device_decode.json") or {}).get("result"), "end_to_end": read("end_to_end.json"),
            "inference": (read("inference.json") or {}).get("results"),
-           "demo": {k: v for k, v in (read("demo.json") or {}).items() if k != "per_epoch"}}
+           "demo": {k: v for k, v in (read("demo.json") or {}).items() if k != "per_epoch"},
+           "memory": (read("memory.json") or {}).get("rows")}
 with atomic_path(os.path.join(results, "summary.json")) as tmp:
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
 print("\n".join(summary["machine"]))
@@ -194,6 +202,11 @@ for decode in ("workers", "device"):
 for r in summary["inference"] or []:
     print(f"inference {r['model']} batch {r['batch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["img_s"].items()))
 print("demo:", summary["demo"])
+for r in summary["memory"] or []:
+    peak = r.get("cuda_peak_mib", r["peak_rss_mib"])
+    before = r.get("cuda_before_step_mib", r["rss_before_step_mib"])
+    print(f"memory {r['model']} batch {r['batch']} checkpointing {r['grad_checkpointing']}: peak {peak:.0f} MiB, "
+          f"the step adds {peak - before:.0f} MiB")
 print(f"total {seconds} s; results in {results}")
 EOF
 exec 1>&- 2>&-

@@ -28,5 +28,8 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     (inference,) = summary["inference"]
     assert inference["img_s"]["vitkit eager"] > 0 and inference["eager_ratio"] > 0
     assert summary["demo"]["epochs"] == 1 and 0 <= summary["demo"]["top1"] <= 1
+    memory = summary["memory"]
+    assert [row["grad_checkpointing"] for row in memory] == [False, True]
+    assert all(row["peak_rss_mib"] >= row["rss_before_step_mib"] > 0 for row in memory)
     log = (tmp_path / "log.txt").read_text()
     assert "== 5. Fashion-MNIST demo" in log and "Traceback" not in log
