@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_fashion_mnist.py                       # the demo recipe (~10 min budget)
     .venv/bin/python benchmarks/bench_fashion_mnist.py configs/fashion_mnist_vit_long.yml
+    .venv/bin/python benchmarks/bench_fashion_mnist.py configs/fashion_mnist_vit_92.yml --set max_epoch=12  # a variant
 
 Prints a table (epoch, cumulative seconds of training plus evaluation, top-1, top-5) per recipe and writes
 benchmarks/results/fashion_mnist.json with the command, the machine and the numbers. Needs the image folder from
@@ -33,8 +34,8 @@ def machine() -> dict:
     }
 
 
-def run_recipe(config: str, out_dir: Path) -> list[dict]:
-    command = [sys.executable, "-m", "vitkit", "train", "--config_path", config,
+def run_recipe(config: str, out_dir: Path, overrides: list[str]) -> list[dict]:
+    command = [sys.executable, "-m", "vitkit", "train", "--config_path", config, *(f"--{item}" for item in overrides),
                f"--checkpoint.output_dir={out_dir}", "--checkpoint.overwrite=true", "--logging.progress=plain"]
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -50,12 +51,14 @@ def run_recipe(config: str, out_dir: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", default=["configs/fashion_mnist_vit.yml"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every recipe, e.g. --set max_epoch=12 (repeatable)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fashion_mnist.json"))
     args = parser.parse_args()
     results = {"machine": machine(), "recipes": {}}
     for config in args.configs:
         out_dir = ROOT / "outputs" / "bench" / Path(config).stem
-        (run,) = run_recipe(config, out_dir)
+        (run,) = run_recipe(config, out_dir, args.set)
         results["recipes"][config] = run
         print(f"\n{config}  (process wall {run['process_wall_s']:.0f}s, start-up and data listing included)")
         print(f"{'epoch':>5} {'elapsed s':>10} {'top-1':>8} {'top-5':>8} {'img/s':>8}")
