@@ -917,7 +917,7 @@ def cli_results(command_runs):
 
 
 @pytest.mark.parametrize("reader", ["mindspore", "npz", "safetensors-vitkit", "huggingface", "config", "jpeg"])
-def test_the_command_ends_in_a_result_or_oneone_line_error(cli_results, reader):
+def test_the_command_ends_in_a_result_or_one_error_line(cli_results, reader):
     if reader not in cli_results:
         pytest.skip("scikit-image (the sample photograph) is not installed")
     for argv, code, err in cli_results[reader]:
