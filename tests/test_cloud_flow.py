@@ -174,6 +174,25 @@ def test_export_to_the_bucket_then_infer_and_predict_from_it_equal_local(in_buck
     assert answers[0] == answers[1] and answers[0][0] == 11
 
 
+def test_labels_result_files_and_postprocess_in_the_bucket_equal_local(in_bucket, tmp_path, capsys):
+    """The original's C++ inference flow, each file in the bucket: label file, result files, the accuracy line."""
+    pytest.importorskip("onnxruntime")
+    cloud = in_bucket
+    onnx = str(tmp_path / "tiny.onnx")
+    assert main(["export", "--model", str(cloud["local"] / FINAL), *TINY_MODEL, "--class_num=3", "--file_format=ONNX",
+                 "--file_name", onnx]) == 0
+    lines = []
+    for folder, val in ((str(tmp_path / "local"), str(cloud["data"] / "val")), ("s3://runs/deployed", "s3://data/tiny/val")):
+        assert main(["labels", "--img_path", val, "--output", f"{folder}/labels.json"]) == 0
+        assert main(["infer", "--model", onnx, "--data", val, "--save-logits", f"{folder}/result_Files"]) == 0
+        capsys.readouterr()
+        assert main(["postprocess", "--result_path", f"{folder}/result_Files", "--label_path", f"{folder}/labels.json"]) == 0
+        lines.append(capsys.readouterr().out)
+    assert lines[0] == lines[1] and lines[0].startswith("Total data: 11,")
+    assert len(cloud["fs"].find("runs/deployed/result_Files")) == 11 and cloud["fs"].exists("runs/deployed/labels.json")
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_the_original_cloud_yaml_runs_against_the_bucket(in_bucket, tmp_path):
     """The cloud file unchanged; only the tiny model, the bucket URLs and the local caches are overridden."""
     cloud = in_bucket

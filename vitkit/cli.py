@@ -240,7 +240,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     max_pixels = {"max_image_pixels": cfg.data.max_image_pixels} if cfg is not None else {}
     from vitkit import storage
 
-    result = infer_folder(model, storage.local_input(args.data), preprocessing, batch_size, workers, args.save_logits, **max_pixels)
+    with storage.local_folder_for(args.save_logits or "") as logits_dir:
+        result = infer_folder(model, storage.local_input(args.data), preprocessing, batch_size, workers,
+                              logits_dir or None, **max_pixels)
     if args.json:
         record = {"images": result.images, "skipped": result.skipped, "infer_seconds": round(result.seconds, 4)}
         if result.accuracy is not None:
@@ -261,16 +263,21 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from vitkit import storage
     from vitkit.deploy.postprocess import postprocess
 
-    print(postprocess(args.result_path, args.label_path).line())
+    result_path = storage.local_input(args.result_path)
+    print(postprocess(result_path, storage.local_input(args.label_path, is_data=False)).line())
     return 0
 
 
 def _cmd_labels(args: argparse.Namespace) -> int:
+    from vitkit import storage
     from vitkit.deploy.labels import write_label_file
 
-    total = write_label_file(args.img_path, args.output)
+    parent, _, name = args.output.rpartition("/")
+    with storage.local_folder_for(parent if storage.is_url(args.output) else "") as folder:
+        total = write_label_file(storage.local_input(args.img_path), os.path.join(folder, name) if folder else args.output)
     print(f"[INFO] Completed! Total {total} data.")
     return 0
 
