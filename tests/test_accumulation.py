@@ -171,12 +171,13 @@ def test_under_ddp_only_the_last_micro_batch_of_a_step_all_reduces(tiny_dataset,
 
 
 @needs_gloo
-def test_two_processes_with_accumulation_ema_layer_decay_and_freezing_match_one_process(tiny_dataset, tmp_path):
+def test_two_processes_with_accumulation_ema_layer_decay_freezing_checkpointing_match_one(tiny_dataset, tmp_path):
     # 2 processes x 2 images x 2 micro-batches and 1 process x 4 images x 2 micro-batches: 8 images a step, the
-    # same 8 (ranks read interleaved positions of one permutation). The EMA, layer decay and freezing ride along,
-    # so that each is checked under torchrun with one launch.
+    # same 8 (ranks read interleaved positions of one permutation). The EMA, layer decay, freezing and activation
+    # checkpointing ride along, so that each is checked under torchrun with one launch.
     two, one = tmp_path / "two", tmp_path / "one"
-    features = ("--train.accum_steps=2", "--train.ema_decay=0.9", "--optimizer.layer_decay=0.7", "--train.freeze=1")
+    features = ("--train.accum_steps=2", "--train.ema_decay=0.9", "--optimizer.layer_decay=0.7", "--train.freeze=1",
+                "--model.grad_checkpointing=true")
     check_ok(torchrun(2, "train", *train_args(tiny_dataset, two, "--batch_size=2", *features)))
     assert main(["train", *train_args(tiny_dataset, one, "--batch_size=4", *features)]) == 0
     for final in ("vit_tiny_patch16-2_4.safetensors", "vit_tiny_patch16-2_4.ema.safetensors"):
