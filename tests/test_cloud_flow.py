@@ -193,6 +193,28 @@ def test_labels_result_files_and_postprocess_in_the_bucket_equal_local(in_bucket
     assert not (tmp_path / "s3:").exists()
 
 
+def test_infer_and_predict_take_the_endpoint_from_the_config(in_bucket, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    cloud = in_bucket
+    endpoint = cloud["env"]["AWS_ENDPOINT_URL"]
+    onnx = tmp_path / "tiny.onnx"
+    assert main(["export", "--model", str(cloud["local"] / FINAL), *TINY_MODEL, "--class_num=3", "--file_format=ONNX",
+                 "--file_name", str(onnx)]) == 0
+    storage.configure(endpoint)
+    storage.upload_file(onnx, "s3://runs/endpoint/tiny.onnx")
+    storage.configure("")
+    # The variable names a closed loopback port, so that the config's endpoint must win, and a command that ignored
+    # it would fail on loopback rather than reach for AWS.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    remote = ["--model", "s3://runs/endpoint/tiny.onnx", f"--storage.endpoint_url={endpoint}", "--json"]
+    capsys.readouterr()
+    assert main(["infer", *remote, "--data", "s3://data/tiny/val"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 11
+    image = cloud["data"] / "val" / "ant" / sorted(os.listdir(cloud["data"] / "val" / "ant"))[0]
+    assert main(["predict", str(image), *remote]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top5"]) == 3
+
+
 def test_the_original_cloud_yaml_runs_against_the_bucket(in_bucket, tmp_path):
     """The cloud file unchanged; only the tiny model, the bucket URLs and the local caches are overridden."""
     cloud = in_bucket

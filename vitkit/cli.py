@@ -166,9 +166,13 @@ def _deploy_config(args: argparse.Namespace):
     own preprocessing metadata; the rest comes from the model."""
     from vitkit.config import load_config
 
+    from vitkit import storage
+
     if args.config_path is None and not args.overrides:
         return None
-    return load_config(args.config_path, args.overrides)
+    cfg = load_config(args.config_path, args.overrides)
+    storage.configure_from(cfg)  # --storage.endpoint_url for the remote paths that follow
+    return cfg
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -288,7 +292,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vitkit.deploy.predict import predict, read_class_names
 
     names = read_class_names(args.labels) if args.labels else None
-    predictions = predict(_local_model(_ema_or_given(args, args.model)), args.images, _deploy_config(args), names)
+    cfg = _deploy_config(args)
+    predictions = predict(_local_model(_ema_or_given(args, args.model)), args.images, cfg, names)
     if args.json:
         print(json.dumps([prediction.as_dict() for prediction in predictions]))
         return 0
