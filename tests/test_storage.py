@@ -19,8 +19,10 @@ from conftest import free_port  # noqa: E402
 from vitkit import storage  # noqa: E402
 from vitkit.errors import VitkitError  # noqa: E402
 
+# Dummy credentials for moto; and no instance-metadata lookup (an HTTP request off the machine) when a test takes
+# the credentials away.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(scope="session")
