@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -213,6 +215,21 @@ def test_a_cut_short_shard_or_a_broken_index_is_one_error_line_from_the_cli(data
     assert len(error) == 1 and "shard-000003.tar has" in error[0] and "the index says" in error[0], error
     (copy / "index.json").write_text('{"wids_version": 1, "shardlist": [')
     assert "not valid JSON" in one_line_error(lambda: list_labelled(str(copy)))
+
+
+def test_shards_are_written_where_the_scratch_folder_is_another_file_system(data, tmp_path, monkeypatch):
+    folders, _ = data
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's folder")
+    scratch = tempfile.mkdtemp(dir=shm)
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", scratch)  # where the shards are written before they are stored
+        assert main(["data", "shard", str(folders / "val"), str(tmp_path / "val"), "--shard-size=5"]) == 0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert sorted(path.name for path in (tmp_path / "val").iterdir()) == [
+        "index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
 
 
 def test_shard_refuses_a_destination_that_holds_shards_and_bad_sizes(data, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import warnings
@@ -23,7 +24,6 @@ from vitkit import storage
 from vitkit.data.folder import (IMAGE_EXTENSIONS, FileSource, Sample, check_class_count, check_labelled_samples,
                                 is_image_file, list_image_folder, read_bytes)
 from vitkit.errors import VitkitError
-from vitkit.fileio import atomic_path
 
 # The largest member read as one image: ImageNet's largest JPEG is about 15 MB, so anything this size is a damaged
 # or hostile header, whose bytes are never allocated.
@@ -289,11 +289,11 @@ def _tar_images(path: str):
     return _strip_common_folder(images, [folder.split("/") for folder in folders])
 
 
-def list_tar(path: str, num_classes: int | None = None) -> tuple[list[Sample], list[str], ArchiveSource]:
+def list_tar(path: str, num_classes: int | None = None, scanned=None) -> tuple[list[Sample], list[str], ArchiveSource]:
     """Samples of a tar of class folders (<class>/.../<image>, optionally under common folders such as train/),
     the class names and their bytes' source: as list_image_folder gives for the same tree extracted, in the same
-    order (label, then path below the class folder)."""
-    images, folders = _tar_images(path)
+    order (label, then path below the class folder). `scanned`: what _tar_images already read of it."""
+    images, folders = scanned or _tar_images(path)
     class_names = sorted({parts[0] for parts, *_ in images if len(parts) >= 2}
                          | {parts[0] for parts in folders if parts and not parts[0].startswith(".")})
     check_class_count(f"archive {path}", class_names, num_classes)
@@ -308,9 +308,9 @@ def list_tar(path: str, num_classes: int | None = None) -> tuple[list[Sample], l
     return samples, class_names, source
 
 
-def list_tar_flat(path: str) -> tuple[list[Sample], ArchiveSource]:
-    """Every image of a tar, sorted by name, label -1: input for inference."""
-    images, _ = _tar_images(path)
+def list_tar_flat(path: str, scanned=None) -> tuple[list[Sample], ArchiveSource]:
+    """Every image of a tar, sorted by name, label -1: input for inference. `scanned` as for list_tar."""
+    images, _ = scanned or _tar_images(path)
     if not images:
         raise VitkitError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in archive {path}; check the path")
     source = ArchiveSource([path], np.zeros(len(images)), [image[1] for image in images],
@@ -460,11 +460,11 @@ def list_inference_input(path: str, num_classes: int | None) -> tuple[list[Sampl
         return samples, True, source
     if not (path.endswith(".tar") and os.path.isfile(path)):
         return None
-    images, _ = _tar_images(path)
-    if any(len(image[0]) >= 2 for image in images):
-        samples, _, source = list_tar(path, num_classes)
+    scanned = _tar_images(path)  # read the headers once, for the choice and the listing
+    if any(len(image[0]) >= 2 for image in scanned[0]):
+        samples, _, source = list_tar(path, num_classes, scanned)
         return samples, True, source
-    samples, source = list_tar_flat(path)
+    samples, source = list_tar_flat(path, scanned)
     return samples, False, source
 
 
@@ -502,12 +502,9 @@ def _shard_bytes(size: int) -> int:
 
 
 def _store(local_file: str, dest: str, name: str) -> None:
-    """The finished local file as dest/name: renamed into place locally (atomic_path), uploaded whole remotely."""
-    if storage.is_url(dest):
-        storage.upload_file(local_file, dest.rstrip("/") + "/" + name)
-        return
-    with atomic_path(os.path.join(dest, name)) as temporary:
-        os.replace(local_file, temporary)
+    """The finished local file as dest/name: renamed into place locally, uploaded whole remotely."""
+    with storage.publish(dest.rstrip("/") + "/" + name) as target:
+        shutil.move(local_file, target)  # a copy where the scratch folder lies on another file system than dest
 
 
 def write_shards(src: str, dest: str, shard_size: int | None = None,
