@@ -86,10 +86,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     extra = [f"--model.pretrained={args.model}"] if args.model else []
     extra += [f"--data.val_path={args.data}"] if args.data else []
     cfg = load_config(args.config_path, args.overrides + extra)
+    storage.configure_from(cfg)  # before --ema looks for the EMA file beside a remote model
     if args.ema:
         ema_path = _ema_or_given(args, cfg.model.pretrained)
         cfg = load_config(args.config_path, args.overrides + extra + [f"--model.pretrained={ema_path}"])
-    storage.configure_from(cfg)
     storage.localize_inputs(cfg, ("data.val_path",))  # a remote --model is fetched by the loader
     started = time.perf_counter()
     with storage.local_folder_for(args.report or "") as report_dir:
@@ -176,10 +176,12 @@ def _deploy_config(args: argparse.Namespace):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from vitkit import storage
     from vitkit.config import load_config
 
     extra = [f"--export.ckpt_file={args.model}"] if args.model else []
     cfg = load_config(args.config_path, args.overrides + extra)
+    storage.configure_from(cfg)  # before --ema looks for the EMA file beside a remote model
     if args.ema:
         checkpoint = _ema_or_given(args, cfg.export.ckpt_file or cfg.model.pretrained)
         cfg = load_config(args.config_path, args.overrides + extra + [f"--export.ckpt_file={checkpoint}"])
@@ -187,17 +189,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise VitkitError("export.int8 quantizes ONNX models only: set file_format=ONNX or drop export.int8")
     for note in cfg.notes:
         print(f"note: {note}")
-    from vitkit import storage
-
-    storage.configure_from(cfg)
-    target = cfg.export.file_name
+    parent, _, name = cfg.export.file_name.rpartition("/")
     # A URL target: the file (and its int8 copy) is written and checked locally, then uploaded whole.
-    with storage.local_folder_for(target.rsplit("/", 1)[0] if storage.is_url(target) else "") as folder:
+    with storage.local_folder_for(parent if storage.is_url(parent) else "") as folder:
         if folder:
-            cfg.export.file_name = os.path.join(folder, target.rsplit("/", 1)[1])
+            cfg.export.file_name = os.path.join(folder, name)
         result = _export_and_report(cfg)
     if folder:
-        print(f"uploaded to {target.rsplit('/', 1)[0]}/{result.path.name}")
+        print(f"uploaded to {parent}/{result.path.name}")
     return 0
 
 
@@ -279,9 +278,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     from vitkit import storage
     from vitkit.deploy.labels import write_label_file
 
-    parent, _, name = args.output.rpartition("/")
-    with storage.local_folder_for(parent if storage.is_url(args.output) else "") as folder:
-        total = write_label_file(storage.local_input(args.img_path), os.path.join(folder, name) if folder else args.output)
+    total = write_label_file(storage.local_input(args.img_path), args.output)
     print(f"[INFO] Completed! Total {total} data.")
     return 0
 

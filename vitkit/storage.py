@@ -256,7 +256,9 @@ def _remote_files(url: str) -> dict[str, int]:
 def download_file(url: str, local: str | os.PathLike) -> Path:
     """Copy one object to a local file, atomically (a killed download leaves no partial file at `local`)."""
     fs, inner = filesystem(url)
-    with atomic_path(local) as tmp:
+    # Not fsynced: a cached copy that a crash damages is fetched again (its size differs), and a flush per object
+    # would dominate copying a data set of small images.
+    with atomic_path(local, durable=False) as tmp:
         with_retries("download", url, lambda: fs.get_file(inner, str(tmp)))
     return Path(local)
 
@@ -339,11 +341,6 @@ def check_writable(url: str) -> None:
     with tempfile.NamedTemporaryFile() as empty:
         upload_file(empty.name, probe)
     remove(probe)
-
-
-def check_readable(url: str) -> None:
-    if not exists(url):
-        raise VitkitError(f"{_clip(url)} does not exist: check the bucket and path")
 
 
 # -------------------------------------------------------------------------------------------- the output mirror

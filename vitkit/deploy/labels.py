@@ -5,9 +5,9 @@ import json
 import os
 from pathlib import Path
 
+from vitkit import storage
 from vitkit.data.folder import list_image_folder
 from vitkit.errors import VitkitError
-from vitkit.fileio import atomic_path
 
 
 def folder_labels(img_path: str | os.PathLike) -> dict[str, int]:
@@ -29,7 +29,7 @@ def folder_labels(img_path: str | os.PathLike) -> dict[str, int]:
 def write_label_file(img_path: str | os.PathLike, output: str | os.PathLike = "imagenet_label.json") -> int:
     """Write the label file for the image folder `img_path`; returns the number of images."""
     labels = folder_labels(img_path)
-    with atomic_path(output) as tmp:
+    with storage.publish(output) as tmp:  # a local path or a URL
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(labels, handle)
     return len(labels)
