@@ -9,6 +9,7 @@ import torch
 
 from vitkit.errors import VitkitError
 from vitkit.engine.checkpoint import newest_weights
+from vitkit.engine.optim import layer_id
 from vitkit.model.loading import drop_unfitting_head, load_state, read_weights, source_numerics
 from vitkit.model.vit import ARCH_FIELDS, VisionTransformer, arch_from_options
 
@@ -116,9 +117,8 @@ def freeze_parameters(model: VisionTransformer, spec: str) -> list[str]:
     if spec == "backbone":
         frozen = [name for name, _ in model.named_parameters() if not name.startswith("head.")]
     elif spec.isdigit() and len(spec) <= 4 and int(spec) <= depth:
-        stem = ("patch_embed.", "cls_token", "pos_embed")
-        frozen_blocks = tuple(f"blocks.{index}." for index in range(int(spec)))
-        frozen = [name for name, _ in model.named_parameters() if name.startswith(stem + frozen_blocks)]
+        # Layer 0 is the stem, layer i + 1 block i: the numbering layer-wise lr decay uses.
+        frozen = [name for name, _ in model.named_parameters() if layer_id(name, depth) <= int(spec)]
     else:
         raise VitkitError(f"train.freeze is '{spec[:40]}': use '' (train everything), 'backbone' (the head alone) or "
                           f"a number of blocks from 0 to the model's depth, {depth}")

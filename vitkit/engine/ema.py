@@ -41,21 +41,30 @@ class ModelEma:
         self.decay = decay
         self.warmup = warmup
         self.updates = 0
+        self._source, self._pairs = None, ([], [], [], [])
+
+    def _paired(self, model: nn.Module) -> tuple[list, list, list, list]:
+        """(averaged, current, copied, current) tensors of the copy and `model`, found once per model: training
+        updates weights in place, so the same tensors stand for the model on every later step."""
+        if model is not self._source:
+            pairs = ([], [], [], [])
+            for ema_value, value in zip(self.module.state_dict().values(), model.state_dict().values()):
+                offset = 0 if ema_value.is_floating_point() else 2
+                pairs[offset].append(ema_value)
+                pairs[offset + 1].append(value)
+            self._source, self._pairs = model, pairs
+        return self._pairs
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> float:
         """Average the model's current weights in; returns the decay used."""
         self.updates += 1
         decay = ema_decay_at(self.updates, self.decay, self.warmup)
-        averaged, current = [], []
-        for ema_value, value in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if ema_value.is_floating_point():
-                averaged.append(ema_value)
-                current.append(value.detach())
-            else:
-                ema_value.copy_(value)
+        averaged, current, copied, copied_from = self._paired(model)
         if averaged:
             torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        for ema_value, value in zip(copied, copied_from):
+            ema_value.copy_(value)
         return decay
 
     def state_dict(self) -> dict:

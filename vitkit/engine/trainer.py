@@ -350,11 +350,6 @@ class Trainer:
         self._end_micro_batch()
         return loss.detach()
 
-    def _skip_micro_batch(self) -> None:
-        """A micro-batch of only unreadable images in a single process: nothing to learn from it, but it keeps its
-        place in the step (whose optimizer step is skipped if none of its micro-batches had an image)."""
-        self._end_micro_batch()
-
     def _end_micro_batch(self) -> None:
         self._micro_index += 1
         if self._micro_index < self.cfg.train.accum_steps:
@@ -442,7 +437,9 @@ class Trainer:
                 first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
                                               progress.global_step + 1, first_nonfinite)
             else:
-                self._skip_micro_batch()  # every image of the batch was unreadable: keep the schedule on its steps
+                # Every image of the micro-batch was unreadable: nothing to learn, but it keeps its place in the step
+                # (whose optimizer step is skipped if none of its micro-batches had an image) and the schedule's.
+                self._end_micro_batch()
             failed_sum += failed
             if self._micro_index:
                 continue  # the optimizer step waits for the rest of its micro-batches
