@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import yaml
 
 from vitkit.data.loader import MAX_REPEATED_AUG
-from vitkit.data.transforms import AUGMENTS, CROP_MIN_RANGE, NORMALIZATIONS
+from vitkit.data.transforms import AUGMENTS, CROP_MIN_RANGE, INTERPOLATIONS, NORMALIZATIONS
 from vitkit.engine.losses import LOSS_NAMES
 from vitkit.engine.lr_schedule import LR_MODES
 from vitkit.engine.optim import BETA_RANGE, OPTIMIZER_NAMES
@@ -104,8 +104,7 @@ class DataConfig:
         "names LINEAR, CUBIC, ANTIALIAS and AREA mean BILINEAR, BICUBIC, LANCZOS and BOX (OpenCV's area filter: "
         "equal for whole shrink factors, close otherwise)",
         flat="interpolation",
-        choices=("NEAREST", "BILINEAR", "BICUBIC", "LANCZOS", "BOX", "HAMMING", "AREA", "PILCUBIC", "ANTIALIAS",
-                 "LINEAR", "CUBIC"),
+        choices=tuple(INTERPOLATIONS),
     )
     normalization: str = _option(
         "imagenet", "input mean/std: imagenet (the original's) or inception (mean and std 0.5, what Flax .npz and "

@@ -18,9 +18,8 @@ from vitkit.storage import fetch, is_url
 from vitkit.fileio import atomic_path
 from vitkit.model.formats.magic import HEAD_BYTES, kind_from_head
 from vitkit.model.presets import find_heads
-from vitkit.model.vit import STYLES, ViTArch, VisionTransformer, check_arch_fields, resample_pos_embed
+from vitkit.model.vit import ARCH_FIELDS, STYLES, ViTArch, VisionTransformer, check_arch_fields, resample_pos_embed
 
-_ARCH_FIELDS = {f.name for f in dataclasses.fields(ViTArch)}
 # The numerics each source framework trains with; only these, not its dropout rates, matter for loading.
 _NUMERIC_KEYS = ("ln_eps", "gelu", "init")
 # Tensors whose shapes infer_arch reads, and how many dimensions each has.
@@ -297,12 +296,12 @@ def infer_arch(weights: Weights, **overrides) -> ViTArch:
         _style_of(weights.source),
     )
     fields.update(numerics)
-    fields.update({key: value for key, value in weights.arch.items() if key in _ARCH_FIELDS})
+    fields.update({key: value for key, value in weights.arch.items() if key in ARCH_FIELDS})
     if "num_heads" not in weights.arch and "num_heads" not in overrides:
         fields["num_heads"] = _guess_heads(fields["embed_dim"], fields["depth"])
-    unknown = sorted(set(overrides) - _ARCH_FIELDS)
+    unknown = sorted(set(overrides) - ARCH_FIELDS.keys())
     if unknown:
-        raise VitkitError(f"unknown model argument(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(_ARCH_FIELDS))}")
+        raise VitkitError(f"unknown model argument(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(ARCH_FIELDS))}")
     fields.update(overrides)
     return ViTArch(**fields)
 

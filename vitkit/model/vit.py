@@ -513,19 +513,17 @@ class VisionTransformer(nn.Module):
         With class-token pooling the last block's query, projection and MLP run for the class token alone: the same
         logits for roughly 1/depth less work (6-7 % of a 12-block ViT's matrix products, training and inference).
         """
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            # Each block's activations are recomputed in the backward pass (with the RNG state of the forward, so
-            # dropout draws the same masks) instead of kept: memory for about one more forward pass.
-            last = {"keep_tokens": 1} if self._last_block_class_token_only() else {}
-            for index, block in enumerate(self.blocks):
-                kwargs = last if index == len(self.blocks) - 1 else {}
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+        last_kwargs = {"keep_tokens": 1} if self._last_block_class_token_only() else {}
+        for index, block in enumerate(self.blocks):
+            kwargs = last_kwargs if index == len(self.blocks) - 1 else {}
+            if checkpointed:
+                # The block's activations are recomputed in the backward pass (with the RNG state of the forward,
+                # so dropout draws the same masks) instead of kept: memory for about one more forward pass.
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False, **kwargs)
-            return self.norm(tokens)
-        if not self._last_block_class_token_only():
-            return self.norm(self.blocks(tokens))
-        for block in self.blocks[:-1]:
-            tokens = block(tokens)
-        return self.norm(self.blocks[-1](tokens, keep_tokens=1))
+            else:
+                tokens = block(tokens, **kwargs)
+        return self.norm(tokens)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.arch.pool == "token":
