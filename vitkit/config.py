@@ -31,7 +31,8 @@ from vitkit.engine.lr_schedule import LR_MODES
 from vitkit.engine.optim import BETA_RANGE, OPTIMIZER_NAMES
 from vitkit.errors import VitkitError
 from vitkit.model.presets import resolve_preset
-from vitkit.model.vit import ARCH_DEFAULTS, ARCH_FIELDS, MAX_IMAGE_SIDE, STYLES, range_text, size_problem
+from vitkit.model.vit import (ARCH_DEFAULTS, ARCH_FIELDS, MAX_IMAGE_SIDE, STYLES, broken_bound, range_text,
+                              size_problem)
 
 
 # Upper bounds of the options that size an allocation or a loop: far past any real run, short of what would take
@@ -402,17 +403,7 @@ class Option:
 
     def broken_bound(self, value) -> str:
         """The first bound `value` breaks, in words ('>= 1', '<= 100000'); '' when it is in range."""
-        for word, bound, holds in ((">=", self.ge, lambda b: value >= b), (">", self.gt, lambda b: value > b),
-                                   ("<=", self.le, lambda b: value <= b), ("<", self.lt, lambda b: value < b)):
-            if bound is not None and not holds(bound):
-                return f"{word} {bound}"
-        return ""
-
-    def in_range(self, value) -> bool:
-        return (
-            (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-            and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
-        )
+        return broken_bound(value, self.ge, self.gt, self.le, self.lt)
 
 
 GROUPS: dict[str, type] = {group.name: group.type for group in fields(Config) if group.metadata.get("group", True)}
@@ -786,10 +777,8 @@ def _apply(config: Config, setting: _Setting) -> None:
         raise _value_error(setting, f"expects {noun}", f"{_verb(setting)} {wanted}")
     if option.choices:
         value = _match_choice(option, value, setting)
-    elif not option.in_range(value):
-        raise _value_error(
-            setting, f"must be {option.broken_bound(value)}", f"{_verb(setting)} a value {option.range_text}"
-        )
+    elif bound := option.broken_bound(value):
+        raise _value_error(setting, f"must be {bound}", f"{_verb(setting)} a value {option.range_text}")
     _set(config, option, _translate(option, value, setting, config.notes))
 
 

@@ -468,18 +468,13 @@ def configure_from(cfg) -> None:
     _settings["cache_dir"] = cfg.storage.cache_dir
 
 
-def _holds_shards(url: str) -> bool:
-    """A shard index, or a folder with one (`vitkit data shard`)."""
-    from vitkit.data.archives import INDEX_NAME
-
-    return url.endswith(".json") or exists(_join(url, INDEX_NAME))
-
-
 def local_input(path: str, wait_s: float = 3600, is_data: bool = True) -> str:
     """What a command reads for `path`: a local path as it is; remote shards as they are (read in place, a byte
     range per image: vitkit.data.archives); any other remote data folder or .tar archive as its local copy, made
     once per machine while the other local processes wait."""
-    if not is_url(path) or (is_data and _holds_shards(path)):
+    from vitkit.data.archives import holds_shards  # archives reads through this module
+
+    if not is_url(path) or (is_data and holds_shards(path)):
         return path
     if not is_data:
         return str(fetch(path, wait_s))

@@ -329,15 +329,23 @@ def _index_location(location: str) -> tuple[str, str]:
     return index, index.rsplit("/", 1)[0] if "/" in index else "."
 
 
+def holds_shards(location: str) -> bool:
+    """Whether a path or URL is shards (`vitkit data shard`): an index.json, or a folder or prefix holding one."""
+    if location.rstrip("/").endswith(".json"):
+        return True
+    index, _ = _index_location(location)
+    return storage.exists(index) if storage.is_url(location) else os.path.isfile(index)
+
+
 def is_shard_split(location: str) -> bool:
-    """A split given as a shard folder (holding index.json), an index.json, or any URL (only shards are read
-    remotely)."""
+    """A split to read as shards: shards (holds_shards), or any URL left after storage.local_input, which copies
+    every remote split but shards in."""
     if storage.is_url(location):
         if location.endswith(".tar"):
             raise VitkitError(f"{location}: tar archives are read in place from local paths only; write the split "
                               "as shards (`vitkit data shard`) to read it from a bucket")
         return True
-    return location.endswith(".json") or os.path.isfile(os.path.join(location, INDEX_NAME))
+    return holds_shards(location)
 
 
 def _read_index(index: str) -> dict:

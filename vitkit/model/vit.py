@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,15 @@ def range_text(ge=None, gt=None, le=None, lt=None) -> str:
     return f"{bound[0]} {bound[1]}" if bound else ""
 
 
+def broken_bound(value, ge=None, gt=None, le=None, lt=None) -> str:
+    """The first bound `value` breaks, in words ('>= 1', '<= 100000'); '' when it is in range."""
+    for word, bound, holds in ((">=", ge, operator.ge), (">", gt, operator.gt), ("<=", le, operator.le),
+                               ("<", lt, operator.lt)):
+        if bound is not None and not holds(value, bound):
+            return f"{word} {bound}"
+    return ""
+
+
 def _field_problem(item: dataclasses.Field, value) -> str:
     """Which of the field's declared type, choices or range `value` breaks ('not one of token, mean'); '' if none."""
     metadata = item.metadata
@@ -197,11 +207,7 @@ def _field_problem(item: dataclasses.Field, value) -> str:
     if kind is float and type(value) not in (int, float):
         return "not a number"
     bounds = {key: metadata.get(key) for key in ("ge", "gt", "le", "lt")}
-    in_range = (
-        (bounds["ge"] is None or value >= bounds["ge"]) and (bounds["gt"] is None or value > bounds["gt"])
-        and (bounds["le"] is None or value <= bounds["le"]) and (bounds["lt"] is None or value < bounds["lt"])
-    )
-    return "" if in_range else f"not {range_text(**bounds)}"
+    return f"not {range_text(**bounds)}" if broken_bound(value, **bounds) else ""
 
 
 def size_problem(*, image_size=None, patch_size=None, embed_dim=None, num_heads=None) -> str:
