@@ -9,13 +9,13 @@ from torch import nn
 
 import vitkit
 from vitkit.config import OPTIONS, Config, config_to_dict, load_config
-from vitkit.data.transforms import AUGMENTS, CROP_MIN_RANGE, NORMALIZATIONS
+from vitkit.data.transforms import augment_transform, normalization_stats, train_transform
 from vitkit.deploy.export import export_model
 from vitkit.deploy.metadata import Preprocessing
 from vitkit.engine.build import build_model, load_pretrained
-from vitkit.engine.losses import LOSS_NAMES
-from vitkit.engine.lr_schedule import LR_MODES
-from vitkit.engine.optim import BETA_RANGE, OPTIMIZER_NAMES
+from vitkit.engine.losses import build_loss
+from vitkit.engine.lr_schedule import build_lr_schedule
+from vitkit.engine.optim import build_optimizer
 from vitkit.errors import VitkitError
 from vitkit.model.gelu import TanhGELU
 from vitkit.model.formats.mindspore import read_mindspore_checkpoint
@@ -105,15 +105,53 @@ def test_every_architecture_option_is_a_config_option_with_the_fields_own_rule()
         make_arch("vit_tiny_patch16", drop_rate=1)
 
 
-def test_choices_and_ranges_come_from_the_code_that_uses_them():
-    assert OPTIONS["schedule.lr_decay_mode"].choices == LR_MODES
-    assert OPTIONS["data.augment"].choices == AUGMENTS
-    assert OPTIONS["data.normalization"].choices == tuple(NORMALIZATIONS)
-    assert OPTIONS["loss.name"].choices == LOSS_NAMES
-    assert OPTIONS["optimizer.name"].choices == OPTIMIZER_NAMES
-    assert (OPTIONS["data.crop_min"].gt, OPTIONS["data.crop_min"].le) == (CROP_MIN_RANGE["gt"], CROP_MIN_RANGE["le"])
-    for key in ("optimizer.beta1", "optimizer.beta2"):
-        assert (OPTIONS[key].ge, OPTIONS[key].lt) == (BETA_RANGE["ge"], BETA_RANGE["lt"])
+def _refused(build) -> bool:
+    try:
+        build()
+    except VitkitError:
+        return True
+    return False
+
+
+# Each config choice list beside the code that acts on the value: (config key, a call of that code).
+_CHOICE_USERS = {
+    "schedule.lr_decay_mode": lambda mode: build_lr_schedule(mode, 0.0, 0.1, 0.0, 1, 2, 3),
+    "data.augment": lambda name: augment_transform(name, 2, 9),
+    "data.normalization": normalization_stats,
+    "loss.name": lambda name: build_loss(name, 10, 0.1),
+    "optimizer.name": lambda name: build_optimizer(nn.Linear(2, 2), name, 0.1, (0.9, 0.999), 1e-8, 0.0, "", False),
+}
+
+
+@pytest.mark.parametrize("key", sorted(_CHOICE_USERS))
+def test_the_config_offers_exactly_the_choices_the_code_acts_on(key):
+    """Every value the config accepts works where it is used, and a value the code does not know is refused by the
+    config too: one list, not two that drift apart."""
+    use = _CHOICE_USERS[key]
+    for choice in OPTIONS[key].choices:
+        use(choice)
+        assert load_config(None, [f"--{key}={choice}"]) is not None
+    for unknown in ("cosine_max", "autoaugment2", "imagenet21k", "ce_focal", "lamb"):
+        assert _refused(lambda: use(unknown))
+        assert _refused(lambda: load_config(None, [f"--{key}={unknown}"]))
+
+
+@pytest.mark.parametrize("key, edges", [
+    ("data.crop_min", {1.0: True, 0.5: True, 0.0: False, -0.1: False, 1.01: False}),
+    ("optimizer.beta1", {0.0: True, 0.9: True, 0.999999: True, 1.0: False, -0.01: False}),
+    ("optimizer.beta2", {0.0: True, 0.999: True, 1.0: False, 1.5: False}),
+])
+def test_the_config_and_the_code_draw_a_range_at_the_same_edges(key, edges):
+    uses = {
+        "data.crop_min": lambda value: train_transform(32, crop_min=value),
+        "optimizer.beta1": lambda value: build_optimizer(nn.Linear(2, 2), "adamw", 0.1, (value, 0.999), 1e-8, 0.0, "",
+                                                          False),
+        "optimizer.beta2": lambda value: build_optimizer(nn.Linear(2, 2), "adamw", 0.1, (0.9, value), 1e-8, 0.0, "",
+                                                          False),
+    }
+    for value, allowed in edges.items():
+        assert _refused(lambda: uses[key](value)) is not allowed, (key, value)
+        assert _refused(lambda: load_config(None, [f"--{key}={value}"])) is not allowed, (key, value)
 
 
 def test_notes_and_explicit_keys_are_declared_fields_outside_the_options():
