@@ -200,7 +200,8 @@ for decode in ("workers", "device"):
         print(f"end to end, decoding on the {decode}: {e2e[f'{decode}_img_s']:.0f} img/s, "
               f"{e2e[f'{decode}_fraction']:.0%} of synthetic")
 for r in summary["inference"] or []:
-    print(f"inference {r['model']} batch {r['batch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["img_s"].items()))
+    print(f"inference {r['model']} {r['mode']} batch {r['batch']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["img_s"].items())
+          + f" img/s, {r['ratio']:.2f}x (per round {r['median_round_ratio']:.2f}x)")
 print("demo:", summary["demo"])
 for r in summary["memory"] or []:
     peak = r.get("cuda_peak_mib", r["peak_rss_mib"])

@@ -26,7 +26,7 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     end_to_end = summary["end_to_end"]
     assert end_to_end["workers_img_s"] > 0 and end_to_end["device_img_s"] > 0 and end_to_end["synthetic_img_s"] > 0
     (inference,) = summary["inference"]
-    assert inference["img_s"]["vitkit eager"] > 0 and inference["eager_ratio"] > 0
+    assert inference["img_s"]["vitkit eager"] > 0 and inference["mode"] == "eager" and inference["ratio"] > 0
     assert summary["demo"]["epochs"] == 1 and 0 <= summary["demo"]["top1"] <= 1
     memory = summary["memory"]
     assert [row["grad_checkpointing"] for row in memory] == [False, True]
