@@ -148,6 +148,26 @@ def test_copy_in_fetches_only_what_changed(s3, tmp_path, monkeypatch):
     assert (tmp_path / "d" / "three").read_bytes() == b"333"
 
 
+def test_a_fetched_model_is_downloaded_again_only_when_the_object_changed(s3, monkeypatch):
+    """A remote --model is fetched by every command; the copy is reused while the object's version (its ETag) is the
+    one copied, and fetched again when the object is rewritten, even at the same size."""
+    s3.mkdir("bucket")
+    put(s3, "bucket/m/model.safetensors", b"first version")
+    fetched = []
+    real = storage.download_file
+    monkeypatch.setattr(storage, "download_file", lambda url, local: fetched.append(url) or real(url, local))
+    local = storage.fetch("s3://bucket/m/model.safetensors")
+    assert local.read_bytes() == b"first version" and len(fetched) == 1
+    assert storage.fetch("s3://bucket/m/model.safetensors").read_bytes() == b"first version"
+    assert len(fetched) == 1  # the same object: the copy is used
+    put(s3, "bucket/m/model.safetensors", b"other version")  # same size, other bytes
+    assert storage.fetch("s3://bucket/m/model.safetensors").read_bytes() == b"other version"
+    assert len(fetched) == 2
+    local.write_bytes(b"damaged copy!")  # a local copy changed under the cache is not trusted either
+    assert storage.fetch("s3://bucket/m/model.safetensors").read_bytes() == b"other version"
+    assert len(fetched) == 3
+
+
 def test_an_object_named_to_escape_the_folder_is_refused(s3, tmp_path):
     s3.mkdir("bucket")
     put(s3, "bucket/d/ok", b"1")

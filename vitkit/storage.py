@@ -238,19 +238,44 @@ def listdir(path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- copying and writing
 
-def _remote_files(url: str) -> dict[str, int]:
-    """{path relative to url: size} of every object under a URL (a single object: {'' : size})."""
+def _version(entry: dict) -> str:
+    """What changes whenever an object is rewritten: its ETag (S3, OBS) or generation (GCS); '' if the store says
+    neither."""
+    return str(entry.get("ETag") or entry.get("etag") or entry.get("generation") or "")
+
+
+def _remote_files(url: str) -> dict[str, tuple[int, str]]:
+    """{path relative to url: (size, version)} of every object under a URL (a single object: {'': ...})."""
     fs, inner = filesystem(url)
 
     def walk():
         info = fs.info(inner)
         if info["type"] != "directory":
-            return {"": info["size"]}
+            return {"": (info["size"], _version(info))}
         found = fs.find(inner, detail=True)
         prefix = inner.rstrip("/") + "/"
-        return {path[len(prefix):]: entry["size"] for path, entry in found.items()
+        return {path[len(prefix):]: (entry["size"], _version(entry)) for path, entry in found.items()
                 if path.startswith(prefix) and entry["type"] != "directory"}
     return with_retries("list", url, walk)
+
+
+def _stamp_of(local: Path) -> Path:
+    return local.with_name(f".{local.name}.version")
+
+
+def _stamp(local: Path, version: str) -> str:
+    """The remote version a local copy was made from, with the copy's own size and time: a copy edited in place
+    no longer matches its stamp."""
+    stat = local.stat()
+    return f"{version} {stat.st_size} {stat.st_mtime_ns}"
+
+
+def _is_current_copy(local: Path, size: int, version: str) -> bool:
+    """Whether `local` is a copy of the object's current version (never, when the store names no version)."""
+    stamp = _stamp_of(local)
+    if not (version and local.is_file() and local.stat().st_size == size and stamp.is_file()):
+        return False
+    return stamp.read_text() == _stamp(local, version)
 
 
 def download_file(url: str, local: str | os.PathLike) -> Path:
@@ -266,14 +291,20 @@ def download_file(url: str, local: str | os.PathLike) -> Path:
 def copy_tree_in(url: str, local: str | os.PathLike, refresh_file: bool = False) -> Path:
     """Mirror a URL (a folder or one object) into a local folder or file. Files already there with the remote size
     are kept (a data set's objects are written whole and never edited in place), so a second copy only fetches what
-    is new; `refresh_file` downloads a single object again anyway (a model rewritten under the same name)."""
+    is new. With `refresh_file`, a single object (a model, which may be rewritten under the same name and size) is
+    kept only while its version is the one copied (`_is_current_copy`)."""
     local = Path(local)
     files = _remote_files(url)
     if list(files) == [""]:
-        if refresh_file or not (local.is_file() and local.stat().st_size == files[""]):
+        size, version = files[""]
+        if refresh_file and not _is_current_copy(local, size, version):
+            download_file(url, local)
+            with atomic_path(_stamp_of(local), durable=False) as tmp:
+                tmp.write_text(_stamp(local, version))
+        elif not refresh_file and not (local.is_file() and local.stat().st_size == size):
             download_file(url, local)
         return local
-    for relative, size in sorted(files.items()):
+    for relative, (size, _) in sorted(files.items()):
         _check_relative(relative, url)
         target = local / relative
         if not (target.is_file() and target.stat().st_size == size):
