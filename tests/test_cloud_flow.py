@@ -193,7 +193,7 @@ def test_labels_result_files_and_postprocess_in_the_bucket_equal_local(in_bucket
     assert not (tmp_path / "s3:").exists()
 
 
-def test_infer_and_predict_take_the_endpoint_from_the_config(in_bucket, tmp_path, monkeypatch, capsys):
+def test_every_deploy_command_takes_the_endpoint_from_storage_endpoint_url(in_bucket, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     cloud = in_bucket
     endpoint = cloud["env"]["AWS_ENDPOINT_URL"]
@@ -213,6 +213,17 @@ def test_infer_and_predict_take_the_endpoint_from_the_config(in_bucket, tmp_path
     image = cloud["data"] / "val" / "ant" / sorted(os.listdir(cloud["data"] / "val" / "ant"))[0]
     assert main(["predict", str(image), *remote]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top5"]) == 3
+    # The commands that take no config take the same flag.
+    flag = f"--storage.endpoint_url={endpoint}"
+    assert main(["labels", "--img_path", "s3://data/tiny/val", "--output", "s3://runs/endpoint/labels.json", flag]) == 0
+    assert main(["infer", *remote[:3], "--data", "s3://data/tiny/val", "--save-logits", "s3://runs/endpoint/results"]) == 0
+    capsys.readouterr()
+    assert main(["postprocess", "--result_path", "s3://runs/endpoint/results",
+                 "--label_path", "s3://runs/endpoint/labels.json", flag]) == 0
+    assert capsys.readouterr().out.startswith("Total data: 11,")
+    assert main(["data", "shard", "s3://data/tiny/val", "s3://runs/endpoint/shards", flag]) == 0
+    assert cloud["fs"].exists("runs/endpoint/shards/index.json")
+    assert main(["labels", "--img_path", "s3://data/tiny/val", "--storage.endpoint_url=ftp://x"]) == 2
 
 
 def test_the_original_cloud_yaml_runs_against_the_bucket(in_bucket, tmp_path):

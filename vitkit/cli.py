@@ -135,6 +135,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    _configure_endpoint(args)
     if args.dataset == "shard":
         return _cmd_data_shard(args)
     if args.dest is not None:
@@ -149,11 +150,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:
+    from vitkit import storage
     from vitkit.data.archives import DEFAULT_MAX_SHARD_BYTES, write_shards
 
     if args.dest is None:
         raise VitkitError("`vitkit data shard SRC DEST` needs DEST: the folder (or s3://...) to write the shards to")
-    summary = write_shards(args.out, args.dest, shard_size=args.shard_size,
+    # A remote folder or .tar is copied in once per machine; remote shards are read where they are.
+    summary = write_shards(storage.local_input(args.out), args.dest, shard_size=args.shard_size,
                            max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     skipped = f", {summary['skipped']} unreadable files skipped" if summary["skipped"] else ""
     print(f"{summary['samples']} images of {summary['classes']} classes in {summary['shards']} shards and "
@@ -269,6 +272,7 @@ def _cmd_postprocess(args: argparse.Namespace) -> int:
     from vitkit import storage
     from vitkit.deploy.postprocess import postprocess
 
+    _configure_endpoint(args)
     result_path = storage.local_input(args.result_path)
     print(postprocess(result_path, storage.local_input(args.label_path, is_data=False)).line())
     return 0
@@ -278,6 +282,7 @@ def _cmd_labels(args: argparse.Namespace) -> int:
     from vitkit import storage
     from vitkit.deploy.labels import write_label_file
 
+    _configure_endpoint(args)
     total = write_label_file(storage.local_input(args.img_path), args.output)
     print(f"[INFO] Completed! Total {total} data.")
     return 0
@@ -317,6 +322,18 @@ def _ema_or_given(args: argparse.Namespace, path: str) -> str:
     from vitkit.engine.checkpoint import ema_weights
 
     return ema_weights(path)
+
+
+def _add_endpoint_flag(parser: argparse.ArgumentParser) -> None:
+    """The config key storage.endpoint_url, for the commands that read no config."""
+    parser.add_argument("--storage.endpoint_url", dest="endpoint_url", default="",
+                        help="S3-compatible endpoint for s3:// and obs:// paths (default: AWS_ENDPOINT_URL)")
+
+
+def _configure_endpoint(args: argparse.Namespace) -> None:
+    from vitkit import storage
+
+    storage.configure(args.endpoint_url)
 
 
 def _add_ema_flag(parser: argparse.ArgumentParser) -> None:
@@ -392,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, default=None, help="at most this many images per class and split")
     data.add_argument("--source", default=None,
                       help="folder of the four IDX .gz files (default: where the Debian package puts them)")
+    _add_endpoint_flag(data)
     data.set_defaults(run=_cmd_data)
 
     convert = commands.add_parser("convert", help="re-save any checkpoint vitkit reads (.safetensors, .pth, .ckpt out)")
@@ -435,11 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--label_path", "--label-path", dest="label_path", required=True,
                       help="label JSON from `vitkit labels` ({file name: class index})")
     post.add_argument("--dataset", default=None, help="ignored, as in the original")
+    _add_endpoint_flag(post)
     post.set_defaults(run=_cmd_postprocess)
 
     labels = commands.add_parser("labels", help="write the original's imagenet_label.json for an image folder")
     labels.add_argument("--img_path", "--img-path", dest="img_path", required=True, help="folder of class subfolders")
     labels.add_argument("--output", default="imagenet_label.json", help="where to write it (default: as the original)")
+    _add_endpoint_flag(labels)
     labels.set_defaults(run=_cmd_labels)
 
     predict = commands.add_parser("predict", help="top-5 classes with probabilities for images")
