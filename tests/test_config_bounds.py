@@ -8,9 +8,13 @@ from vitkit.config import OPTIONS
 
 # The longest error line any of these probes may print: the message, never the value in full.
 MAX_LINE = 600
+# How long one refusal may take. The bound is there to catch unbounded work (a YAML bomb expanded, a huge number
+# converted or a range looped over takes minutes or never ends), not to time the check: a CI machine shared with
+# other jobs takes several seconds for a refusal that takes a fraction of one alone.
+REFUSAL_SECONDS = 30.0
 
 
-def one_error_line(argv, capsys, seconds=5.0) -> str:
+def one_error_line(argv, capsys, seconds=REFUSAL_SECONDS) -> str:
     started = time.perf_counter()
     code = main(argv)
     elapsed = time.perf_counter() - started
