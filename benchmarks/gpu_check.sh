@@ -12,7 +12,8 @@
 #    workers and on the GPU (nvJPEG), against the synthetic rate of step 2; the nvJPEG path's parts alone first
 #    (bench_device_decode.py).
 # 4. Inference images/s, eager and compiled, against timm (bench_infer_gpu.py).
-# 5. The Fashion-MNIST demo recipe (configs/fashion_mnist_vit.yml) on the GPU: top-1 and training time.
+# 5. Fashion-MNIST on the GPU (configs/fashion_mnist_vit_gpu.yml: the demo's model at batch 1024): top-1 and the
+#    training time to 88 %.
 # 6. The CUDA peak memory of one ViT-B/16 and ViT-L/16 training step without and with activation checkpointing
 #    (bench_memory.py).
 # Fashion-MNIST is read from FASHION_MNIST_SOURCE (the four IDX .gz files; default: the Debian package's folder).
@@ -144,7 +145,7 @@ timeout "${LIMIT[infer]}" "$PY" benchmarks/bench_infer_gpu.py "${BENCH_ARGS[@]}"
 
 step "5. Fashion-MNIST demo on $DEVICE"
 if [[ -f "$SCRATCH/fashion-mnist/.complete" ]]; then
-  timeout "${LIMIT[demo]}" "$PY" -m vitkit train --config_path configs/fashion_mnist_vit.yml \
+  timeout "${LIMIT[demo]}" "$PY" -m vitkit train --config_path configs/fashion_mnist_vit_gpu.yml \
     --data.train_path="$SCRATCH/fashion-mnist/train" --data.val_path="$SCRATCH/fashion-mnist/val" \
     --checkpoint.output_dir="$SCRATCH/demo" --train.device="$DEVICE" --logging.progress=plain "${DEMO_ARGS[@]}" \
     2>&1 | grep -E "epoch\[|precision|training time|error|Error"
@@ -158,9 +159,16 @@ scratch, results = sys.argv[1:]
 path = os.path.join(scratch, "demo", "metrics.jsonl")
 epochs = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 evaluated = [r for r in epochs if "accuracy" in r]
-report = {"epochs": len(epochs), "train_seconds": sum(r["epoch_time"] for r in epochs),
-          "top1": evaluated[-1]["accuracy"] if evaluated else None, "per_epoch": epochs}
-print(f"demo: {report['epochs']} epochs, {report['train_seconds']:.1f} s of training, top-1 {report['top1']}")
+# The target: training seconds (evaluation not counted) until the first evaluation at 88 % or more.
+trained, seconds_to_88 = 0.0, None
+for r in epochs:
+    trained += r["epoch_time"]
+    if seconds_to_88 is None and r.get("accuracy", 0) >= 0.88:
+        seconds_to_88 = trained
+report = {"epochs": len(epochs), "train_seconds": trained, "top1": evaluated[-1]["accuracy"] if evaluated else None,
+          "seconds_to_88": seconds_to_88, "per_epoch": epochs}
+print(f"demo: {report['epochs']} epochs, {report['train_seconds']:.1f} s of training, top-1 {report['top1']}, "
+      f"88 % after {seconds_to_88 if seconds_to_88 is None else round(seconds_to_88, 1)} s")
 with atomic_path(os.path.join(results, "demo.json")) as tmp:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
 EOF
