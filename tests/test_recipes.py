@@ -95,3 +95,13 @@ def test_fashion_mnist_92_recipe_uses_49_tokens_and_mean_pooling():
     model = build_on_meta(config)
     assert model.pos_embed.shape == (1, 49, 64)  # 7 x 7 patches of 4 pixels, no class token
     assert model.cls_token is None and config.model.num_classes == 10
+
+
+def test_fashion_mnist_gpu_recipe_is_the_demos_model_and_data_at_eight_times_the_batch():
+    demo = load_config(CONFIGS / "fashion_mnist_vit.yml")
+    gpu = load_config(CONFIGS / "fashion_mnist_vit_gpu.yml")
+    assert gpu.model == demo.model and gpu.loss == demo.loss and gpu.optimizer == demo.optimizer
+    assert gpu.data.batch_size == 8 * demo.data.batch_size
+    for name in ("augment", "random_crop", "mixup", "normalization", "train_path", "val_path"):
+        assert getattr(gpu.data, name) == getattr(demo.data, name), name
+    assert gpu.checkpoint.output_dir != demo.checkpoint.output_dir  # the two runs never resume each other
