@@ -163,9 +163,46 @@ def test_a_fetched_model_is_downloaded_again_only_when_the_object_changed(s3, mo
     put(s3, "bucket/m/model.safetensors", b"other version")  # same size, other bytes
     assert storage.fetch("s3://bucket/m/model.safetensors").read_bytes() == b"other version"
     assert len(fetched) == 2
-    local.write_bytes(b"damaged copy!")  # a local copy changed under the cache is not trusted either
+    edited_copy(local, b"damaged copy!")  # a local copy changed under the cache is not trusted either
     assert storage.fetch("s3://bucket/m/model.safetensors").read_bytes() == b"other version"
     assert len(fetched) == 3
+
+
+def edited_copy(local: Path, data: bytes) -> None:
+    """Rewrite a file as a later edit would: file times move in steps of up to a few milliseconds on some kernels,
+    so the time is set a second on rather than left to the clock."""
+    before = local.stat().st_mtime_ns
+    local.write_bytes(data)
+    os.utime(local, ns=(before, before + 10**9))
+
+
+def test_a_copy_that_another_process_replaced_after_the_download_is_not_trusted(s3, monkeypatch):
+    """Two commands fetch the same model at once while it is rewritten: the older copy may be renamed into place
+    after the newer one. The stamp names the file its own download wrote, so it no longer matches, and the next
+    fetch downloads the current version."""
+    s3.mkdir("bucket")
+    put(s3, "bucket/m/model.safetensors", b"new version!")
+    real = storage.download_file
+
+    def overtaken(url, local):
+        written = real(url, local)
+        edited_copy(Path(local), b"old version!")  # the other process's copy of the version before
+        return written
+
+    monkeypatch.setattr(storage, "download_file", overtaken)
+    assert storage.fetch("s3://bucket/m/model.safetensors").read_bytes() == b"old version!"
+    monkeypatch.setattr(storage, "download_file", real)
+    assert storage.fetch("s3://bucket/m/model.safetensors").read_bytes() == b"new version!"
+
+
+def test_version_stamps_are_never_mirrored(s3, tmp_path):
+    s3.mkdir("bucket")
+    put(s3, "bucket/m/model.safetensors", b"weights")
+    out = tmp_path / "out"
+    storage.copy_tree_in("s3://bucket/m/model.safetensors", out / "model.safetensors", refresh_file=True)
+    assert (out / ".model.safetensors.version").is_file()
+    storage.RemoteFolder.pull("s3://bucket/run", out, lambda name: name.endswith(".pt")).sync()
+    assert s3.find("bucket/run") == ["bucket/run/model.safetensors"]
 
 
 def test_an_object_named_to_escape_the_folder_is_refused(s3, tmp_path):

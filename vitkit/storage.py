@@ -263,11 +263,10 @@ def _stamp_of(local: Path) -> Path:
     return local.with_name(f".{local.name}.version")
 
 
-def _stamp(local: Path, version: str) -> str:
-    """The remote version a local copy was made from, with the copy's own size and time: a copy edited in place
-    no longer matches its stamp."""
-    stat = local.stat()
-    return f"{version} {stat.st_size} {stat.st_mtime_ns}"
+def _stamp(version: str, size_and_time: tuple[int, int]) -> str:
+    """The remote version a local copy was made from, with the copy's own size and time: a copy replaced or edited
+    since no longer matches its stamp."""
+    return f"{version} {size_and_time[0]} {size_and_time[1]}"
 
 
 def _is_current_copy(local: Path, size: int, version: str) -> bool:
@@ -275,17 +274,20 @@ def _is_current_copy(local: Path, size: int, version: str) -> bool:
     stamp = _stamp_of(local)
     if not (version and local.is_file() and local.stat().st_size == size and stamp.is_file()):
         return False
-    return stamp.read_text() == _stamp(local, version)
+    return stamp.read_text() == _stamp(version, _stat(local))
 
 
-def download_file(url: str, local: str | os.PathLike) -> Path:
-    """Copy one object to a local file, atomically (a killed download leaves no partial file at `local`)."""
+def download_file(url: str, local: str | os.PathLike) -> tuple[int, int]:
+    """Copy one object to a local file, atomically (a killed download leaves no partial file at `local`). Returns
+    the (size, mtime_ns) of the file this call wrote, taken before it was moved into place: another process's copy
+    may replace it at `local` right after."""
     fs, inner = filesystem(url)
     # Not fsynced: a cached copy that a crash damages is fetched again (its size differs), and a flush per object
     # would dominate copying a data set of small images.
     with atomic_path(local, durable=False) as tmp:
         with_retries("download", url, lambda: fs.get_file(inner, str(tmp)))
-    return Path(local)
+        written = _stat(Path(tmp))
+    return written
 
 
 def copy_tree_in(url: str, local: str | os.PathLike, refresh_file: bool = False) -> Path:
@@ -298,9 +300,9 @@ def copy_tree_in(url: str, local: str | os.PathLike, refresh_file: bool = False)
     if list(files) == [""]:
         size, version = files[""]
         if refresh_file and not _is_current_copy(local, size, version):
-            download_file(url, local)
+            written = download_file(url, local)
             with atomic_path(_stamp_of(local), durable=False) as tmp:
-                tmp.write_text(_stamp(local, version))
+                tmp.write_text(_stamp(version, written))
         elif not refresh_file and not (local.is_file() and local.stat().st_size == size):
             download_file(url, local)
         return local
@@ -402,7 +404,7 @@ class RemoteFolder:
 
     def sync(self, delete: bool = True) -> None:
         current = {path.relative_to(self.local).as_posix(): _stat(path) for path in sorted(self.local.rglob("*"))
-                   if path.is_file() and not _is_temporary(path.name)}
+                   if path.is_file() and not _is_local_only(path.name)}
         changed = [name for name, stat in current.items() if self.known.get(name) != stat]
         # Parts before markers: a marker is only ever visible beside complete parts.
         for name in sorted(changed, key=lambda name: self.is_marker(name.rsplit("/", 1)[-1])):
@@ -422,8 +424,9 @@ def _stat(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _is_temporary(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(".tmp") or ".partial" in name)
+def _is_local_only(name: str) -> bool:
+    """vitkit's own bookkeeping, never mirrored: a write in progress, or a copy's version stamp (`_stamp_of`)."""
+    return name.startswith(".") and (name.endswith((".tmp", ".version")) or ".partial" in name)
 
 
 # ------------------------------------------------------------------------------------------ one copy per machine
