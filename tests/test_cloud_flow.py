@@ -213,14 +213,19 @@ def test_every_deploy_command_takes_the_endpoint_from_storage_endpoint_url(in_bu
     image = cloud["data"] / "val" / "ant" / sorted(os.listdir(cloud["data"] / "val" / "ant"))[0]
     assert main(["predict", str(image), *remote]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top5"]) == 3
-    # The commands that take no config take the same flag.
+    # The commands that take no config take the same flag. Each starts with the endpoint unset, as a fresh process
+    # would: one that ignored the flag would go to the closed port.
     flag = f"--storage.endpoint_url={endpoint}"
+    storage.configure("")
     assert main(["labels", "--img_path", "s3://data/tiny/val", "--output", "s3://runs/endpoint/labels.json", flag]) == 0
+    storage.configure("")
     assert main(["infer", *remote[:3], "--data", "s3://data/tiny/val", "--save-logits", "s3://runs/endpoint/results"]) == 0
     capsys.readouterr()
+    storage.configure("")
     assert main(["postprocess", "--result_path", "s3://runs/endpoint/results",
                  "--label_path", "s3://runs/endpoint/labels.json", flag]) == 0
     assert capsys.readouterr().out.startswith("Total data: 11,")
+    storage.configure("")
     assert main(["data", "shard", "s3://data/tiny/val", "s3://runs/endpoint/shards", flag]) == 0
     assert cloud["fs"].exists("runs/endpoint/shards/index.json")
     assert main(["labels", "--img_path", "s3://data/tiny/val", "--storage.endpoint_url=ftp://x"]) == 2

@@ -150,13 +150,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:
-    from vitkit import storage
     from vitkit.data.archives import DEFAULT_MAX_SHARD_BYTES, write_shards
 
     if args.dest is None:
         raise VitkitError("`vitkit data shard SRC DEST` needs DEST: the folder (or s3://...) to write the shards to")
-    # A remote folder or .tar is copied in once per machine; remote shards are read where they are.
-    summary = write_shards(storage.local_input(args.out), args.dest, shard_size=args.shard_size,
+    summary = write_shards(args.out, args.dest, shard_size=args.shard_size,
                            max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     skipped = f", {summary['skipped']} unreadable files skipped" if summary["skipped"] else ""
     print(f"{summary['samples']} images of {summary['classes']} classes in {summary['shards']} shards and "

@@ -331,10 +331,11 @@ def _index_location(location: str) -> tuple[str, str]:
 
 def holds_shards(location: str) -> bool:
     """Whether a path or URL is shards (`vitkit data shard`): an index.json, or a folder or prefix holding one."""
-    if location.rstrip("/").endswith(".json"):
+    if location.endswith(".json"):
         return True
-    index, _ = _index_location(location)
-    return storage.exists(index) if storage.is_url(location) else os.path.isfile(index)
+    if storage.is_url(location):
+        return storage.exists(location.rstrip("/") + "/" + INDEX_NAME)
+    return os.path.isfile(os.path.join(location, INDEX_NAME))
 
 
 def is_shard_split(location: str) -> bool:
@@ -533,7 +534,9 @@ def write_shards(src: str, dest: str, shard_size: int | None = None,
         raise VitkitError(f"{dest} already holds shards ({INDEX_NAME}): write to an empty folder or remove them")
     if not storage.is_url(dest):
         os.makedirs(dest, exist_ok=True)
-    samples, class_names, source = list_labelled(src)
+    # A remote image folder or .tar is copied in once per machine (after the checks above); remote shards are read
+    # where they are.
+    samples, class_names, source = list_labelled(storage.local_input(src))
     source = source or FileSource([path for path, _ in samples])
     shard_list, written, skipped = [], 0, 0
     batch, batch_bytes = [], 0
