@@ -127,7 +127,7 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         # Every model eager before any compiles: a run cut short by its time limit keeps the eager figures.
-        for mode in args.modes:
+        for mode in sorted(set(args.modes), key=["eager", "compile"].index):
             for name in args.models:
                 result = bench_model(name, batches[name], mode, args, Path(scratch))
                 results.append(result)

@@ -9,13 +9,13 @@ from torch import nn
 
 import vitkit
 from vitkit.config import OPTIONS, Config, config_to_dict, load_config
-from vitkit.data.transforms import augment_transform, normalization_stats, train_transform
+from vitkit.data.transforms import AUGMENTS, NORMALIZATIONS, augment_transform, normalization_stats, train_transform
 from vitkit.deploy.export import export_model
 from vitkit.deploy.metadata import Preprocessing
 from vitkit.engine.build import build_model, load_pretrained
-from vitkit.engine.losses import build_loss
-from vitkit.engine.lr_schedule import build_lr_schedule
-from vitkit.engine.optim import build_optimizer
+from vitkit.engine.losses import LOSS_NAMES, build_loss
+from vitkit.engine.lr_schedule import LR_MODES, build_lr_schedule
+from vitkit.engine.optim import OPTIMIZER_NAMES, build_optimizer
 from vitkit.errors import VitkitError
 from vitkit.model.gelu import TanhGELU
 from vitkit.model.formats.mindspore import read_mindspore_checkpoint
@@ -113,13 +113,14 @@ def _refused(build) -> bool:
     return False
 
 
-# Each config choice list beside the code that acts on the value: (config key, a call of that code).
+# Each config choice list beside the code that acts on the value: (its owner's list, a call of that code).
 _CHOICE_USERS = {
-    "schedule.lr_decay_mode": lambda mode: build_lr_schedule(mode, 0.0, 0.1, 0.0, 1, 2, 3),
-    "data.augment": lambda name: augment_transform(name, 2, 9),
-    "data.normalization": normalization_stats,
-    "loss.name": lambda name: build_loss(name, 10, 0.1),
-    "optimizer.name": lambda name: build_optimizer(nn.Linear(2, 2), name, 0.1, (0.9, 0.999), 1e-8, 0.0, "", False),
+    "schedule.lr_decay_mode": (LR_MODES, lambda mode: build_lr_schedule(mode, 0.0, 0.1, 0.0, 1, 2, 3)),
+    "data.augment": (AUGMENTS, lambda name: augment_transform(name, 2, 9)),
+    "data.normalization": (tuple(NORMALIZATIONS), normalization_stats),
+    "loss.name": (LOSS_NAMES, lambda name: build_loss(name, 10, 0.1)),
+    "optimizer.name": (OPTIMIZER_NAMES,
+                       lambda name: build_optimizer(nn.Linear(2, 2), name, 0.1, (0.9, 0.999), 1e-8, 0.0, "", False)),
 }
 
 
@@ -127,7 +128,8 @@ _CHOICE_USERS = {
 def test_the_config_offers_exactly_the_choices_the_code_acts_on(key):
     """Every value the config accepts works where it is used, and a value the code does not know is refused by the
     config too: one list, not two that drift apart."""
-    use = _CHOICE_USERS[key]
+    owners_list, use = _CHOICE_USERS[key]
+    assert OPTIONS[key].choices == owners_list  # the config offers the owner's whole list, nothing more
     for choice in OPTIONS[key].choices:
         use(choice)
         assert load_config(None, [f"--{key}={choice}"]) is not None
