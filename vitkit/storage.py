@@ -269,12 +269,15 @@ def _stamp(version: str, size_and_time: tuple[int, int]) -> str:
     return f"{version} {size_and_time[0]} {size_and_time[1]}"
 
 
-def _is_current_copy(local: Path, size: int, version: str) -> bool:
-    """Whether `local` is a copy of the object's current version (never, when the store names no version)."""
+def _is_current_copy(local: Path, version: str) -> bool:
+    """Whether `local` is the copy its stamp describes, of the object's current version (never, when the store names
+    no version). The stamp holds the size the download wrote, so a matching stamp means a whole copy."""
     stamp = _stamp_of(local)
-    if not (version and local.is_file() and local.stat().st_size == size and stamp.is_file()):
-        return False
-    return stamp.read_text() == _stamp(version, _stat(local))
+    return bool(version) and local.is_file() and stamp.is_file() and stamp.read_text() == _stamp(version, _stat(local))
+
+
+def _has_size(local: Path, size: int) -> bool:
+    return local.is_file() and local.stat().st_size == size
 
 
 def download_file(url: str, local: str | os.PathLike) -> tuple[int, int]:
@@ -299,18 +302,17 @@ def copy_tree_in(url: str, local: str | os.PathLike, refresh_file: bool = False)
     files = _remote_files(url)
     if list(files) == [""]:
         size, version = files[""]
-        if refresh_file and not _is_current_copy(local, size, version):
+        if refresh_file and not _is_current_copy(local, version):
             written = download_file(url, local)
             with atomic_path(_stamp_of(local), durable=False) as tmp:
                 tmp.write_text(_stamp(version, written))
-        elif not refresh_file and not (local.is_file() and local.stat().st_size == size):
+        elif not refresh_file and not _has_size(local, size):
             download_file(url, local)
         return local
     for relative, (size, _) in sorted(files.items()):
         _check_relative(relative, url)
-        target = local / relative
-        if not (target.is_file() and target.stat().st_size == size):
-            download_file(_join(url, relative), target)
+        if not _has_size(local / relative, size):
+            download_file(_join(url, relative), local / relative)
     local.mkdir(parents=True, exist_ok=True)
     return local
 
