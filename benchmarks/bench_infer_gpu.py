@@ -4,9 +4,10 @@
 
 Random timm-style weights, 1000 classes, 224 px, bf16 autocast under inference_mode, the batch already on the device.
 vitkit eager against timm eager, then vitkit compiled against timm compiled, each pair in alternating rounds so that
-drift hits both alike; each figure is the median over the rounds. Every model runs eager before any is compiled. ONNX Runtime joins when its CUDA provider is
-installed (the `onnxruntime-gpu` package; `onnxruntime` runs on the CPU only). `--device cpu --precision fp32` is the
-smoke mode of benchmarks/gpu_check.sh. Writes the JSON after every model, so a run cut short keeps what it measured.
+drift hits both alike; each figure is the median over the rounds. Every model runs eager before any is compiled.
+ONNX Runtime joins the eager pair when its CUDA provider is installed (the `onnxruntime-gpu` package; `onnxruntime`
+runs on the CPU only). `--device cpu --precision fp32` is the smoke mode of benchmarks/gpu_check.sh. Writes the JSON
+after every (model, mode), so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -95,10 +96,10 @@ def bench_model(name: str, batch: int, mode: str, args, scratch: Path) -> dict:
     runs = {label: (lambda model=model: timed_rate(lambda batch: run(model, batch), images, args.steps))
             for label, model in models.items()}
     rounds = alternating_rounds(runs, args.rounds)
+    img_s = {label: statistics.median(values) for label, values in rounds.items()}
     result = {"model": name, "batch": batch, "mode": mode, "precision": args.precision, "device": str(device),
-              "warmup_s": warm, "rounds": rounds,
-              "img_s": {label: statistics.median(values) for label, values in rounds.items()},
-              "ratio": statistics.median(rounds[f"vitkit {mode}"]) / statistics.median(rounds[f"timm {mode}"]),
+              "warmup_s": warm, "rounds": rounds, "img_s": img_s,
+              "ratio": img_s[f"vitkit {mode}"] / img_s[f"timm {mode}"],
               "median_round_ratio": median_round_ratio(rounds[f"vitkit {mode}"], rounds[f"timm {mode}"])}
     if device.type == "cuda" and mode == "eager":
         forward, note = onnx_cuda_forward(ours, images, scratch)

@@ -27,7 +27,10 @@ def test_gpu_check_smoke_mode_runs_every_step(tmp_path):
     assert end_to_end["workers_img_s"] > 0 and end_to_end["device_img_s"] > 0 and end_to_end["synthetic_img_s"] > 0
     (inference,) = summary["inference"]
     assert inference["img_s"]["vitkit eager"] > 0 and inference["mode"] == "eager" and inference["ratio"] > 0
-    assert summary["demo"]["epochs"] == 1 and 0 <= summary["demo"]["top1"] <= 1 and "seconds_to_88" in summary["demo"]
+    demo = summary["demo"]
+    assert demo["epochs"] == 1 and 0 <= demo["top1"] <= 1
+    # One evaluated epoch: 88 % is reached after its training time, or not at all.
+    assert demo["seconds_to_88"] == (demo["train_seconds"] if demo["top1"] >= 0.88 else None)
     memory = summary["memory"]
     assert [row["grad_checkpointing"] for row in memory] == [False, True]
     assert all(row["peak_rss_mib"] >= row["rss_before_step_mib"] > 0 for row in memory)
